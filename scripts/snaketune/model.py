@@ -1,0 +1,223 @@
+"""Step `model`: put a base model's weights into an HF model folder.
+
+Sources: ``hf`` (Hugging Face Hub repo id + pinned revision), ``modelscope`` (ModelScope id +
+revision), ``local`` (a folder on disk, hard-linked or copied) and ``tiny`` (a random-init model of
+a real architecture with a byte-level BPE tokenizer trained here, for offline demos and tests).
+The folder gets a ``source.json`` naming where it came from and the sha256 of every file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from snaketune.atomic import atomic_dir, write_json
+from snaketune.errors import SnaketuneError, cli
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja"]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of one file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(folder: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative path -> hex), skipping source.json."""
+    root = Path(folder)
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "source.json"
+    }
+
+
+def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
+    """Text the tiny tokenizer is trained on: chat turns, arithmetic and common English words."""
+    import random
+
+    rng = random.Random(seed)
+    words = (
+        "the of and to in is you that it he was for on are as with his they at be this from have "
+        "or by one had not but what all were when we there can an your which their said if do will "
+        "each about how up out them then she many some so these would other into has more two like "
+        "him see time could no make than first been its who now people my made over did down only way "
+        "find use may water long little very after words called just where most know answer question "
+        "sum plus minus add number result assistant user system helpful correct wrong"
+    ).split()
+    lines = []
+    for _ in range(n):
+        a, b = rng.randrange(1000), rng.randrange(1000)
+        lines.append(f"What is {a}+{b}? {a + b}")
+        lines.append(f"{a} + {b} = {a + b}. " + " ".join(rng.choices(words, k=8)))
+        lines.append("<|im_start|>user\n" + " ".join(rng.choices(words, k=6)) + "<|im_end|>")
+    return lines
+
+
+def build_tokenizer(vocab_size: int, seed: int = 0):
+    """Train a byte-level BPE tokenizer (digits split) with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny(params: dict, out: Path) -> None:
+    """Random-init model of a real architecture (qwen2 or llama) plus a locally trained tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    tokenizer = build_tokenizer(params.get("vocab_size", 1024), params.get("seed", 0))
+    arch = params.get("architecture", "qwen2")
+    dims = {
+        k: params[k]
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings")
+        if k in params
+    }
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=params.get("tie_word_embeddings", True),
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **dims,
+    )
+    torch.manual_seed(params.get("seed", 0))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def download_hf(params: dict, out: Path) -> str:
+    """Snapshot a Hub repo at a pinned revision into ``out``; returns the resolved commit."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    repo, revision = params["repo"], params.get("revision", "main")
+    info = HfApi().model_info(repo, revision=revision)
+    snapshot_download(
+        repo_id=repo,
+        revision=info.sha,
+        local_dir=out,
+        allow_patterns=params.get("allow_patterns", WEIGHT_PATTERNS),
+    )
+    return info.sha
+
+
+def download_modelscope(params: dict, out: Path) -> str:
+    """Snapshot a ModelScope repo at a revision into ``out``; returns the revision."""
+    try:
+        from modelscope import snapshot_download
+    except ImportError as err:
+        raise SnaketuneError(
+            "model source 'modelscope' needs the modelscope package: pip install modelscope"
+        ) from err
+    revision = params.get("revision", "master")
+    snapshot_download(
+        params["repo"],
+        revision=revision,
+        local_dir=str(out),
+        allow_patterns=params.get("allow_patterns", WEIGHT_PATTERNS),
+    )
+    return revision
+
+
+def copy_local(params: dict, out: Path) -> None:
+    """Hard-link (or copy, across filesystems) a local HF model folder into ``out``."""
+    src = Path(params["path"]).expanduser()
+    if not (src / "config.json").is_file():
+        raise SnaketuneError(
+            f"model path {src} has no config.json: point models.<name>.path at an HF model folder "
+            "(the directory that save_pretrained wrote)"
+        )
+    for item in src.rglob("*"):
+        if item.is_dir() or item.name.startswith("."):
+            continue
+        dest = out / item.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(item, dest)
+        except OSError:
+            shutil.copy2(item, dest)
+
+
+def fetch(params: dict, out: str | os.PathLike) -> dict:
+    """Materialise the model described by ``params`` in ``out`` atomically; returns source.json."""
+    source = params.get("source", "tiny")
+    with atomic_dir(out) as tmp:
+        record = {"source": source}
+        if source == "tiny":
+            build_tiny(params, tmp)
+            record.update(architecture=params.get("architecture", "qwen2"), seed=params.get("seed", 0))
+        elif source == "hf":
+            record.update(repo=params["repo"], revision=download_hf(params, tmp))
+        elif source == "modelscope":
+            record.update(repo=params["repo"], revision=download_modelscope(params, tmp))
+        elif source == "local":
+            copy_local(params, tmp)
+            record.update(path=str(Path(params["path"]).resolve()))
+        else:
+            raise SnaketuneError(f"unknown model source {source!r}: use tiny, hf, modelscope or local")
+        record["files"] = hash_tree(tmp)
+        write_json(tmp / "source.json", record)
+    return record
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m snaketune.model", description=__doc__)
+    ap.add_argument("--params", required=True, help="JSON: the models.<name> block of the config")
+    ap.add_argument("--out", required=True, help="output HF model folder")
+    args = ap.parse_args(argv)
+    params = json.loads(args.params)
+    from snaketune.tracking import step_run
+
+    with step_run("model", params) as run:
+        record = fetch(params, args.out)
+        size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+        run.log_metrics({"size_bytes": size, "files": len(record["files"])})
+        run.log_artifact(Path(args.out) / "source.json")
+        run.log_artifact(Path(args.out) / "config.json")
+    print(f"model ready: {args.out} (source {record['source']}, {size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
