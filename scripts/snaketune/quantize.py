@@ -1,0 +1,313 @@
+"""Step `quantize`: turn an HF model folder into a quantized HF model folder.
+
+Methods (``params.method``):
+
+- ``fp8``: FP8 weights (per output channel, static) and FP8 activations (per token, dynamic);
+  llm-compressor ``FP8_DYNAMIC``, saved as compressed-tensors. Data-free (no calibration).
+- ``gptq``: GPTQ int4 weights, symmetric, ``group_size`` configurable, 16-bit activations
+  (W4A16); llm-compressor ``GPTQModifier``, saved as compressed-tensors (pack-quantized).
+- ``awq``: AWQ smoothing then int4 asymmetric group weights (W4A16_ASYM); llm-compressor
+  ``AWQModifier`` + ``QuantizationModifier``, saved as compressed-tensors.
+- ``bnb-nf4`` / ``bnb-int8``: bitsandbytes 4-bit NF4 / LLM.int8 weights, quantized at load time
+  by transformers and saved in the bitsandbytes serialization (transformers-only; no calibration).
+
+Calibration text comes from ``DATA/train.jsonl`` (``{"messages": [...]}`` rows) rendered with the
+model's chat template; ``calibration.samples`` rows are drawn with ``calibration.seed`` and cut to
+``calibration.max_length`` tokens. The output folder gets ``quantization.json`` with the method,
+scheme, library and version, the sha256 of the calibration set and the size on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+from snaketune.atomic import atomic_dir, write_json
+from snaketune.errors import SnaketuneError, cli
+
+LLMC_METHODS = ("fp8", "gptq", "awq")
+BNB_METHODS = ("bnb-nf4", "bnb-int8")
+METHODS = LLMC_METHODS + BNB_METHODS
+DEFAULT_CALIBRATION = {"samples": 64, "seed": 0, "max_length": 256}
+
+# scheme recorded in quantization.json and the summary
+SCHEMES = {
+    "fp8": "FP8_DYNAMIC (fp8 e4m3 weights per channel, dynamic per-token fp8 activations)",
+    "gptq": "W4A16 (int4 symmetric group weights, 16-bit activations)",
+    "awq": "W4A16_ASYM (int4 asymmetric group weights, 16-bit activations)",
+    "bnb-nf4": "bitsandbytes nf4 (4-bit NormalFloat weights, double quantization)",
+    "bnb-int8": "bitsandbytes LLM.int8 (int8 per-row weights)",
+}
+
+
+def dir_size(folder: str | os.PathLike) -> int:
+    """Bytes of all files under ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def calibration_texts(data_dir: str | os.PathLike, tokenizer, samples: int, seed: int) -> list[str]:
+    """Draw ``samples`` chat rows from ``train.jsonl`` (seeded) and render them as text."""
+    path = Path(data_dir) / "train.jsonl"
+    if not path.is_file():
+        raise SnaketuneError(
+            f"calibration data {path} not found: quantize --data must be a data-step folder "
+            "with train.jsonl"
+        )
+    rows = []
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "messages" not in row:
+                raise SnaketuneError(f"{path}:{lineno} has no 'messages': calibration needs chat rows")
+            rows.append(row["messages"])
+    if not rows:
+        raise SnaketuneError(f"{path} is empty: calibration needs at least one chat row")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise SnaketuneError(
+            "the model's tokenizer has no chat template, so calibration rows cannot be rendered"
+        )
+    rng = random.Random(seed)
+    picked = rng.sample(rows, samples) if samples <= len(rows) else [rng.choice(rows) for _ in range(samples)]
+    return [tokenizer.apply_chat_template(m, tokenize=False) for m in picked]
+
+
+def calibration_sha256(texts: list[str], max_length: int) -> str:
+    """Hash of exactly what calibration saw (rendered texts and the cut length)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"max_length": max_length, "texts": texts}, ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def cpu_safe_pin_memory():
+    """Make llm-compressor's intermediate-cache ``pin_memory`` a no-op without an accelerator.
+
+    llm-compressor 0.14's AWQ pins cached CPU activations before its grid search so that later
+    host-to-device copies can be non-blocking. ``Tensor.pin_memory()`` needs an accelerator and
+    raises ``RuntimeError: Cannot access accelerator device when none is available`` on a
+    CPU-only torch. Pinning only speeds up transfers to an accelerator, so skipping it on CPU
+    changes no numbers; llm-compressor itself already guards its DataLoader this way
+    (``pin_memory = torch.accelerator.is_available() and ...``). With an accelerator present
+    this does nothing.
+    """
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        yield False
+        return
+    original = IntermediatesCache.__dict__["pin_memory"]
+
+    def pin_memory(self, batch_index, input_names=None):  # noqa: ARG001 - same signature
+        return None
+
+    IntermediatesCache.pin_memory = pin_memory
+    try:
+        yield True
+    finally:
+        IntermediatesCache.pin_memory = original
+
+
+def build_recipe(method: str, params: dict):
+    """The llm-compressor modifiers for ``method``."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    ignore = params.get("ignore", ["lm_head"])
+    targets = params.get("targets", ["Linear"])
+    if method == "fp8":
+        return [QuantizationModifier(targets=targets, scheme="FP8_DYNAMIC", ignore=ignore)]
+    group_size = int(params.get("group_size", 128))
+    preset = "W4A16" if method == "gptq" else "W4A16_ASYM"
+    scheme = preset_name_to_scheme(preset, targets)
+    scheme.weights.group_size = group_size
+    groups = {"group_0": scheme}
+    if method == "gptq":
+        extra = {k: params[k] for k in ("dampening_frac", "block_size") if k in params}
+        if "actorder" in params:
+            scheme.weights.actorder = params["actorder"]
+        return [GPTQModifier(config_groups=groups, ignore=ignore, **extra)]
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    awq_kwargs = {k: params[k] for k in ("duo_scaling", "n_grid") if k in params}
+    return [
+        AWQModifier(**awq_kwargs),
+        QuantizationModifier(config_groups=groups, ignore=ignore),
+    ]
+
+
+def check_group_size(model, method: str, params: dict) -> None:
+    """GPTQ/AWQ group quantization needs every quantized Linear's in_features % group_size == 0."""
+    if method not in ("gptq", "awq"):
+        return
+    import torch
+
+    group_size = int(params.get("group_size", 128))
+    ignore = set(params.get("ignore", ["lm_head"]))
+    bad = sorted(
+        {
+            (name.rsplit(".", 1)[-1], mod.in_features)
+            for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear)
+            and name.rsplit(".", 1)[-1] not in ignore
+            and mod.in_features % group_size
+        }
+    )
+    if bad:
+        listing = ", ".join(f"{n} (in_features {f})" for n, f in bad)
+        raise SnaketuneError(
+            f"{method} with group_size {group_size} needs every quantized layer's input width to be "
+            f"a multiple of {group_size}, but {listing} are not: lower quantize.group_size (e.g. 32, "
+            "64) or use a larger model"
+        )
+
+
+def quantize_llmc(model_dir: str, texts: list[str], method: str, params: dict, out: Path, cal: dict) -> dict:
+    """GPTQ / AWQ / FP8 through llm-compressor; saves a compressed-tensors checkpoint in ``out``."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    check_group_size(model, method, params)
+    recipe = build_recipe(method, params)
+    kwargs = {}
+    if method != "fp8":
+        enc = tokenizer(texts, truncation=True, max_length=cal["max_length"], add_special_tokens=False)
+        dataset = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        kwargs = dict(
+            dataset=dataset,
+            num_calibration_samples=len(texts),
+            max_seq_length=cal["max_length"],
+            shuffle_calibration_samples=False,
+        )
+    with cpu_safe_pin_memory(), torch.no_grad():
+        oneshot(model=model, recipe=recipe, **kwargs)
+    model.save_pretrained(out, save_compressed=True)
+    tokenizer.save_pretrained(out)
+    import compressed_tensors
+    import llmcompressor
+
+    return {
+        "library": "llmcompressor",
+        "library_version": llmcompressor.__version__,
+        "format": "compressed-tensors",
+        "format_version": compressed_tensors.__version__,
+    }
+
+
+def quantize_bnb(model_dir: str, method: str, params: dict, out: Path) -> dict:
+    """bitsandbytes nf4 / int8, quantized by transformers at load time and saved serialized."""
+    import bitsandbytes
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if method == "bnb-nf4":
+        compute = getattr(torch, params.get("compute_dtype", "float32"))
+        qconfig = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=params.get("double_quant", True),
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    else:
+        qconfig = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=params.get("int8_threshold", 6.0))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qconfig, device_map=device)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "library": "bitsandbytes",
+        "library_version": bitsandbytes.__version__,
+        "format": "bitsandbytes",
+        "format_version": bitsandbytes.__version__,
+    }
+
+
+def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.PathLike) -> dict:
+    """Quantize ``model_dir`` into ``out`` atomically; returns the quantization.json record."""
+    import torch
+    import transformers
+
+    method = params.get("method")
+    if method not in METHODS:
+        raise SnaketuneError(f"unknown quantize method {method!r}: use one of {', '.join(METHODS)}")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise SnaketuneError(f"quantize --model {model_dir} is not an HF model folder (no config.json)")
+    cal = {**DEFAULT_CALIBRATION, **params.get("calibration", {})}
+    start = time.time()
+    with atomic_dir(out) as tmp:
+        record = {
+            "method": method,
+            "scheme": SCHEMES[method],
+            "source_model": str(Path(model_dir).resolve()),
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+        }
+        if method in ("gptq", "awq"):
+            record["group_size"] = int(params.get("group_size", 128))
+        if method in ("gptq", "awq"):
+            from transformers import AutoTokenizer
+
+            texts = calibration_texts(data_dir, AutoTokenizer.from_pretrained(model_dir), cal["samples"], cal["seed"])
+            record["calibration"] = {**cal, "sha256": calibration_sha256(texts, cal["max_length"]),
+                                     "source": str(Path(data_dir, "train.jsonl").resolve())}
+            record.update(quantize_llmc(model_dir, texts, method, params, tmp, cal))
+        elif method == "fp8":
+            record["calibration"] = None  # FP8_DYNAMIC is data-free
+            record.update(quantize_llmc(model_dir, [], method, params, tmp, cal))
+        else:
+            record["calibration"] = None  # bitsandbytes quantizes round-to-nearest at load time
+            record.update(quantize_bnb(model_dir, method, params, tmp))
+        record["size_bytes"] = dir_size(tmp)
+        record["source_size_bytes"] = dir_size(model_dir)
+        record["duration_s"] = round(time.time() - start, 2)
+        write_json(tmp / "quantization.json", record)
+    return record
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m snaketune.quantize", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model folder to quantize")
+    ap.add_argument("--data", help="data-step folder with train.jsonl (calibration for gptq/awq)")
+    ap.add_argument("--params", required=True, help="JSON: the quantize block for this variant")
+    ap.add_argument("--out", required=True, help="output HF model folder")
+    args = ap.parse_args(argv)
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as err:
+        raise SnaketuneError(f"--params is not valid JSON: {err}") from err
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("SNAKETUNE_THREADS", "1")))
+    if params.get("method") in ("gptq", "awq") and not args.data:
+        raise SnaketuneError(f"quantize method {params['method']} needs calibration data: pass --data DIR")
+    from snaketune.tracking import step_run
+
+    with step_run("quantize", params) as run:
+        record = quantize(args.model, args.data, params, args.out)
+        run.set_tags({"quantize.method": record["method"], "quantize.library": record["library"]})
+        run.log_metrics({"size_bytes": record["size_bytes"], "source_size_bytes": record["source_size_bytes"],
+                         "quantize_s": record["duration_s"]})
+        run.log_artifact(Path(args.out) / "quantization.json")
+    print(f"quantized ({record['method']}): {args.out} "
+          f"({record['size_bytes'] / 1e6:.2f} MB, was {record['source_size_bytes'] / 1e6:.2f} MB, "
+          f"{record['duration_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
