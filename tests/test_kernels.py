@@ -1,0 +1,142 @@
+"""CPU checks of snaketune.kernels: each speed-up computes the plain model's loss and gradients."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from snaketune import kernels  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def tiny_qwen2(seed=0, vocab=384):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, attention_dropout=0.0)
+    cfg._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(cfg)  # fp32: HF's loss upcasts logits to fp32 anyway
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(a, b, rtol=1e-4, atol=1e-6):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [5, 7, 64])
+def test_fused_ce_matches_plain(chunk):
+    torch.manual_seed(1)
+    h = torch.randn(2, 16, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 32, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (2, 16))
+    y[0, 3] = y[1, 9] = -100
+    ref = torch.nn.functional.cross_entropy((h @ w.t())[:, :-1].reshape(-1, 50), y[:, 1:].reshape(-1))
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = kernels.fused_linear_cross_entropy(h, w, y, chunk_tokens=chunk, compiled=False)
+    (out * 3).backward()  # a non-unit upstream gradient
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(h.grad, 3 * gh)
+    torch.testing.assert_close(w.grad, 3 * gw)
+
+
+def test_fused_ce_num_items_in_batch():
+    torch.manual_seed(2)
+    h = torch.randn(1, 9, 8, dtype=torch.float64)
+    w = torch.randn(11, 8, dtype=torch.float64)
+    y = torch.randint(0, 11, (1, 9))
+    total = torch.nn.functional.cross_entropy((h @ w.t())[0, :-1], y[0, 1:], reduction="sum")
+    out = kernels.fused_linear_cross_entropy(h, w, y, num_items_in_batch=torch.tensor(20), compiled=False)
+    torch.testing.assert_close(out, total / 20)
+
+
+def test_model_fused_ce_loss_and_grads():
+    ref = tiny_qwen2()
+    fast = kernels.apply_speedups(copy.deepcopy(ref), {"fused_ce": True, "ce_chunk_tokens": 7})
+    ids = torch.randint(0, 384, (2, 24))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    ref.train(), fast.train()
+    l_ref = ref(input_ids=ids, labels=labels).loss
+    out = fast(input_ids=ids, labels=labels)
+    assert out.logits is None
+    l_ref.backward(), out.loss.backward()
+    torch.testing.assert_close(out.loss, l_ref, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads(fast), grads(ref))
+    fast.eval()  # eval / generation keeps logits
+    assert fast(input_ids=ids).logits.shape == (2, 24, 384)
+
+
+def test_fast_lora_matches_peft():
+    peft = pytest.importorskip("peft")
+    base = tiny_qwen2()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    ref = peft.get_peft_model(base, cfg)
+    fast = copy.deepcopy(ref)
+    kernels.apply_speedups(fast, {"fast_lora": True})
+    assert fast.snaketune_speedups["fast_lora"] == 2 * 7
+    ids = torch.randint(0, 384, (2, 20))
+    ref(input_ids=ids, labels=ids).loss.backward()
+    out = fast(input_ids=ids, labels=ids)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
+    g_ref, g_fast = grads(ref), grads(fast)
+    assert all("lora_" in n for n in g_fast)
+    assert_grads_close(g_fast, g_ref)
+
+
+def _samples(lengths, seed=3, vocab=384):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        labels = [-100] * (n // 3) + ids[n // 3:]  # prompt masked, completion supervised
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _padded(samples):
+    n = max(len(s["input_ids"]) for s in samples)
+    ids = torch.zeros(len(samples), n, dtype=torch.long)
+    labels = torch.full((len(samples), n), -100)
+    mask = torch.zeros(len(samples), n, dtype=torch.long)
+    for i, s in enumerate(samples):
+        k = len(s["input_ids"])
+        ids[i, :k] = torch.tensor(s["input_ids"])
+        labels[i, :k] = torch.tensor(s["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("with_cu", [True, False])
+def test_packed_matches_padded(with_cu):
+    samples = _samples([17, 5, 30, 11])
+    ref = tiny_qwen2()
+    fast = kernels.apply_speedups(copy.deepcopy(ref), {"fused_ce": True, "packing": True})
+    ref.train(), fast.train()
+    l_ref = ref(**_padded(samples)).loss
+    batch = kernels.PackedCollator(pad_to_multiple_of=16)(samples)
+    assert batch["input_ids"].shape == (1, 64) and batch["cu_seq_lens_q"].tolist() == [0, 17, 22, 52, 63, 64]
+    if not with_cu:  # boundaries recovered from position_ids alone
+        batch = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+    l_fast = fast(**batch).loss
+    l_ref.backward(), l_fast.backward()
+    torch.testing.assert_close(l_fast, l_ref, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads(fast), grads(ref))
+
+
+def test_resolve_options():
+    assert kernels.resolve_options({}, cuda=False) == {k: False for k in kernels.OPTION_KEYS}
+    on = kernels.resolve_options({"liger": False, "compile": True}, cuda=True)
+    assert on == {"fused_ce": False, "fast_lora": True, "packing": True, "compile": True}
