@@ -1,0 +1,253 @@
+"""Step `data`: make a dataset folder of validated, normalised JSONL files.
+
+Sources: ``synthetic`` (an arithmetic task generated deterministically from a seed) and ``local``
+(JSONL/JSON/Parquet/CSV files in the ``messages``, ``alpaca`` or ``sharegpt`` formats). Every row
+is validated; a bad row is reported as ``file:line: field: expected ..., found ...``.
+
+Output folder: ``train.jsonl`` and ``test.jsonl`` (``{"messages": [...]}``), ``pretrain.jsonl``
+(``{"text": ...}``), ``preference.jsonl`` (prompt/chosen/rejected), ``kto.jsonl``
+(prompt/completion/label) and ``manifest.json`` (row counts, hashes, skipped rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from snaketune.atomic import atomic_dir, write_json
+from snaketune.errors import SnaketuneError, cli
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "tool": "tool", "function_call": "assistant",
+                  "observation": "tool"}
+
+
+class RowError(ValueError):
+    """One invalid row: which field, what was expected, what was found."""
+
+    def __init__(self, field: str, expected: str, found):
+        self.field, self.expected, self.found = field, expected, found
+        super().__init__(f"field '{field}': expected {expected}, found {_short(found)}")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _str_field(row: dict, key: str, prefix: str = "") -> str:
+    if key not in row:
+        raise RowError(prefix + key, "a string", "nothing (missing)")
+    if not isinstance(row[key], str):
+        raise RowError(prefix + key, "a string", row[key])
+    return row[key]
+
+
+def check_messages(messages, field: str = "messages") -> list[dict]:
+    """Validate an OpenAI-style message list; returns it with only role/content(/tool keys)."""
+    if not isinstance(messages, list) or not messages:
+        raise RowError(field, "a non-empty list of {role, content} objects", messages)
+    out = []
+    for i, msg in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(msg, dict):
+            raise RowError(where, "an object with role and content", msg)
+        role = msg.get("role")
+        if role not in ROLES:
+            raise RowError(f"{where}.role", "one of " + "/".join(ROLES), role)
+        content = msg.get("content")
+        if not isinstance(content, str) and not (role == "assistant" and msg.get("tool_calls")):
+            raise RowError(f"{where}.content", "a string", content)
+        out.append({k: v for k, v in msg.items() if k in ("role", "content", "tool_calls", "name")})
+    if not any(m["role"] == "assistant" for m in out):
+        raise RowError(field, "at least one assistant message", [m["role"] for m in out])
+    return out
+
+
+def to_messages(row, fmt: str) -> list[dict]:
+    """Convert one row of format ``fmt`` (messages, alpaca, sharegpt) to a validated message list."""
+    if not isinstance(row, dict):
+        raise RowError("<row>", "a JSON object", row)
+    if fmt == "messages":
+        return check_messages(row.get("messages"), "messages")
+    if fmt == "alpaca":
+        instruction = _str_field(row, "instruction")
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise RowError("input", "a string", extra)
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _str_field(row, "output")}]
+        system = row.get("system")
+        return ([{"role": "system", "content": system}] if isinstance(system, str) and system else []) + msgs
+    if fmt == "sharegpt":
+        turns = row.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            raise RowError("conversations", "a non-empty list of {from, value} objects", turns)
+        msgs = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
+                raise RowError(f"conversations[{i}].from", "one of " + "/".join(SHAREGPT_ROLES),
+                               turn.get("from") if isinstance(turn, dict) else turn)
+            msgs.append({"role": SHAREGPT_ROLES[turn["from"]],
+                         "content": _str_field(turn, "value", f"conversations[{i}].")})
+        return check_messages(msgs, "conversations")
+    raise SnaketuneError(f"unknown dataset format {fmt!r}: use messages, alpaca or sharegpt")
+
+
+def read_rows(path: Path):
+    """Yield (line_number, row) from a JSONL, JSON, Parquet or CSV file; bad JSON is a RowError."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield n, RowError("<line>", "one JSON object per line", f"invalid JSON ({err.msg})")
+    elif suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise SnaketuneError(f"{path}: expected a JSON list of rows at top level")
+        yield from enumerate(rows, 1)
+    elif suffix in (".parquet", ".csv"):
+        import pandas as pd
+
+        frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+        for n, row in enumerate(frame.to_dict("records"), 1 if suffix == ".parquet" else 2):
+            yield n, {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+    else:
+        raise SnaketuneError(f"{path}: unsupported file type {suffix!r}: use .jsonl, .json, .parquet or .csv")
+
+
+def load_local(path: str, fmt: str, skip_bad_rows: bool = False) -> tuple[list[dict], list[str]]:
+    """Read and validate a local dataset file; returns (rows, problems).
+
+    With ``skip_bad_rows`` bad rows are dropped and reported in ``problems``; otherwise any bad
+    row raises a SnaketuneError that lists every problem (file:line, field, expected vs found).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise SnaketuneError(f"dataset file {file} does not exist: fix datasets.<name>.path in the config")
+    rows, problems = [], []
+    for n, row in read_rows(file):
+        try:
+            if isinstance(row, RowError):
+                raise row
+            rows.append({"messages": to_messages(row, fmt)})
+        except RowError as err:
+            problems.append(f"{file}:{n}: {err}")
+    if problems and not skip_bad_rows:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise SnaketuneError(
+            f"{len(problems)} bad row(s) in {file} (format {fmt!r}):\n  {shown}{more}\n"
+            "Fix the rows, or set skip_bad_rows: true on the dataset to drop them (they are counted)."
+        )
+    return rows, problems
+
+
+def addition_task(params: dict) -> dict[str, list[dict]]:
+    """The synthetic arithmetic task: 'What is a+b?' -> 'a+b', with disjoint train/test pairs."""
+    rng = random.Random(params.get("seed", 0))
+    top = params.get("max_operand", 50)
+    pairs = [(a, b) for a in range(top) for b in range(top)]
+    rng.shuffle(pairs)
+    n_test = params.get("n_test", 200)
+    test, train = pairs[:n_test], pairs[n_test:n_test + params.get("n_train", len(pairs))]
+
+    def chat(a, b, answer):
+        return [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": str(answer)}]
+
+    def wrong(a, b):
+        return a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+
+    out = {
+        "train": [{"messages": chat(a, b, a + b)} for a, b in train],
+        "test": [{"messages": chat(a, b, a + b)} for a, b in test],
+        "pretrain": [{"text": f"What is {a}+{b}? {a + b}"} for a, b in train],
+        "preference": [],
+        "kto": [],
+    }
+    for a, b in train:
+        prompt = chat(a, b, 0)[:1]
+        bad = wrong(a, b)
+        out["preference"].append({"prompt": prompt, "chosen": [{"role": "assistant", "content": str(a + b)}],
+                                  "rejected": [{"role": "assistant", "content": str(bad)}]})
+        good = rng.random() < 0.5
+        out["kto"].append({"prompt": prompt, "completion": [
+            {"role": "assistant", "content": str(a + b if good else bad)}], "label": good})
+    return out
+
+
+def split(rows: list[dict], test_size: int | float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Shuffle with ``seed`` and hold out ``test_size`` rows (a count, or a fraction if < 1)."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n = int(round(len(rows) * test_size)) if test_size < 1 else int(test_size)
+    return rows[n:], rows[:n]
+
+
+def build(params: dict) -> tuple[dict[str, list[dict]], list[str]]:
+    """Return the splits of the dataset described by ``params`` and the skipped-row problems."""
+    source = params.get("source", "synthetic")
+    if source == "synthetic":
+        return addition_task(params), []
+    if source == "local":
+        fmt, skip, seed = params.get("format", "messages"), params.get("skip_bad_rows", False), params.get("seed", 0)
+        rows, problems = load_local(params["path"], fmt, skip)
+        if params.get("test_path"):
+            test, more = load_local(params["test_path"], fmt, skip)
+            problems += more
+            train = rows
+        else:
+            train, test = split(rows, params.get("test_size", 0.05), seed)
+        if params.get("samples"):
+            train = train[: params["samples"]]
+        return {"train": train, "test": test}, problems
+    raise SnaketuneError(f"unknown dataset source {source!r}: use synthetic or local")
+
+
+def _dump(rows: list[dict], path: Path) -> str:
+    text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+    path.write_text(text, encoding="utf-8")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def prepare(params: dict, out) -> dict:
+    """Build the dataset folder ``out`` atomically; returns its manifest."""
+    splits, problems = build(params)
+    with atomic_dir(out) as tmp:
+        manifest = {"rows": {}, "sha256": {}, "skipped_rows": len(problems), "problems": problems[:100]}
+        for name, rows in splits.items():
+            manifest["rows"][name] = len(rows)
+            manifest["sha256"][name] = _dump(rows, tmp / f"{name}.jsonl")
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m snaketune.data", description=__doc__)
+    ap.add_argument("--params", required=True, help="JSON: the datasets.<name> block of the config")
+    ap.add_argument("--out", required=True, help="output dataset folder")
+    args = ap.parse_args(argv)
+    params = json.loads(args.params)
+    from snaketune.tracking import step_run
+
+    with step_run("data", params) as run:
+        manifest = prepare(params, args.out)
+        run.log_metrics({f"rows_{k}": v for k, v in manifest["rows"].items()})
+        run.log_metrics({"skipped_rows": manifest["skipped_rows"]})
+        run.log_artifact(Path(args.out) / "manifest.json")
+    counts = ", ".join(f"{k} {v}" for k, v in manifest["rows"].items())
+    print(f"dataset ready: {args.out} ({counts}; {manifest['skipped_rows']} bad rows skipped)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Step `evaluate`: score one model folder on one benchmark and write the eval JSON.
+
+Engine ``transformers``: greedy generation in-process with the tokenizer's chat template, on the
+dataset folder's ``test.jsonl`` (the last assistant turn is the reference). Metrics:
+``exact_match`` (stripped strings equal) and ``contains`` (reference appears in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from snaketune.atomic import write_json
+from snaketune.errors import SnaketuneError, cli
+from snaketune.model import hash_tree
+
+METRICS = {
+    "exact_match": lambda pred, ref: pred.strip() == ref.strip(),
+    "contains": lambda pred, ref: ref.strip() in pred,
+}
+
+
+def model_hash(folder: str | Path) -> str:
+    """One sha256 over the sha256 of every file in a model folder (stable across copies)."""
+    files = hash_tree(folder)
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def load_cases(data_dir: Path, split: str, limit: int | None) -> list[tuple[list[dict], str]]:
+    """(prompt messages, reference answer) pairs from ``<split>.jsonl``."""
+    path = data_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise SnaketuneError(f"benchmark split {path} does not exist: set evaluation.benches.<name>.split "
+                             "to a split the dataset step writes (train or test)")
+    cases = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                msgs = json.loads(line)["messages"]
+                cases.append((msgs[:-1], msgs[-1]["content"]))
+    return cases[:limit] if limit else cases
+
+
+def generate(model_dir: str | Path, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions for chat prompts, batched with left padding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cuda" if cuda else None)
+    model.eval()
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    outputs = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        outputs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return outputs
+
+
+def evaluate(model_dir: str, data_dir: str, params: dict) -> dict:
+    """Run the benchmark described by ``params`` on ``model_dir``; returns the eval record."""
+    metric = params.get("metric", "exact_match")
+    if metric not in METRICS:
+        raise SnaketuneError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    cases = load_cases(Path(data_dir), params.get("split", "test"), params.get("limit"))
+    t0 = time.time()
+    preds = generate(model_dir, [c[0] for c in cases], params.get("max_new_tokens", 16),
+                     params.get("batch_size", 32))
+    hits = [METRICS[metric](p, ref) for p, (_, ref) in zip(preds, cases)]
+    return {
+        "bench": params.get("name"),
+        "metric": metric,
+        "score": sum(hits) / len(hits),
+        "n": len(hits),
+        "engine": "transformers",
+        "model_path": str(model_dir),
+        "model_sha256": model_hash(model_dir),
+        "seconds": round(time.time() - t0, 2),
+        "examples": [{"prompt": c[0][-1]["content"], "reference": c[1], "prediction": p, "correct": h}
+                     for c, p, h in list(zip(cases, preds, hits))[:10]],
+    }
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m snaketune.evaluate", description=__doc__)
+    ap.add_argument("--model", required=True, help="HF model folder to evaluate")
+    ap.add_argument("--data", required=True, help="dataset folder holding the benchmark split")
+    ap.add_argument("--params", required=True, help="JSON: the evaluation.benches.<name> block")
+    ap.add_argument("--out", required=True, help="eval JSON to write")
+    ap.add_argument("--variant", default="", help="variant label for the summary (e.g. base, sft-lora)")
+    args = ap.parse_args(argv)
+    params = json.loads(args.params)
+    from snaketune.tracking import step_run
+
+    with step_run("evaluate", params) as run:
+        record = evaluate(args.model, args.data, params)
+        record["variant"] = args.variant
+        write_json(args.out, record)
+        run.log_metrics({record["metric"]: record["score"], "n": record["n"], "eval_seconds": record["seconds"]})
+        run.log_artifact(args.out)
+    print(f"{record['bench']} on {args.variant or args.model}: {record['metric']} = {record['score']:.3f} "
+          f"({record['n']} samples) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

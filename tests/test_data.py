@@ -1,0 +1,108 @@
+"""The data step: synthetic task, format conversion, row validation and its messages."""
+
+import json
+
+import pytest
+
+from snaketune.data import build, load_local, prepare, to_messages, RowError
+from snaketune.errors import SnaketuneError
+from conftest import read_jsonl
+
+
+def test_synthetic_is_deterministic_and_splits_are_disjoint(tmp_path):
+    params = {"source": "synthetic", "max_operand": 20, "n_test": 30, "seed": 3}
+    prepare(params, tmp_path / "a")
+    prepare(params, tmp_path / "b")
+    for name in ("train", "test", "pretrain", "preference", "kto", "manifest"):
+        ext = "json" if name == "manifest" else "jsonl"
+        assert (tmp_path / "a" / f"{name}.{ext}").read_bytes() == (tmp_path / "b" / f"{name}.{ext}").read_bytes()
+    train = {r["messages"][0]["content"] for r in read_jsonl(tmp_path / "a/train.jsonl")}
+    test = {r["messages"][0]["content"] for r in read_jsonl(tmp_path / "a/test.jsonl")}
+    assert len(test) == 30 and len(train) == 400 - 30 and not train & test
+
+
+def test_synthetic_answers_and_preferences_are_right(tmp_path):
+    splits, _ = build({"source": "synthetic", "max_operand": 10, "n_test": 5})
+    for row in splits["train"]:
+        a, b = map(int, row["messages"][0]["content"][8:-1].split("+"))
+        assert row["messages"][1]["content"] == str(a + b)
+    for row in splits["preference"]:
+        assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
+    assert {r["label"] for r in splits["kto"]} == {True, False}
+
+
+def test_formats_convert_to_messages():
+    alpaca = to_messages({"instruction": "Add", "input": "2 and 3", "output": "5"}, "alpaca")
+    assert alpaca == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    share = to_messages({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, "sharegpt")
+    assert [m["role"] for m in share] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("row, fmt, field, found", [
+    ({"messages": []}, "messages", "messages", "[]"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages", "messages[0].role", "'bot'"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages", "messages[0].content", "3"),
+    ({"messages": [{"role": "user", "content": "only a question"}]}, "messages", "messages", "user"),
+    ({"instruction": "x"}, "alpaca", "output", "missing"),
+    ({"instruction": "x", "output": ["a"]}, "alpaca", "output", '["a"]'),
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", "conversations[0].from", "'robot'"),
+])
+def test_bad_rows_name_field_expected_and_found(row, fmt, field, found):
+    with pytest.raises(RowError) as err:
+        to_messages(row, fmt)
+    assert err.value.field == field
+    assert found in str(err.value) and "expected" in str(err.value)
+
+
+def _write_bad_file(path):
+    rows = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}]},
+        "not json",
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+
+
+def test_bad_file_reports_every_row_with_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    _write_bad_file(path)
+    with pytest.raises(SnaketuneError) as err:
+        load_local(str(path), "messages")
+    msg = str(err.value)
+    assert f"{path}:2: field 'messages'" in msg and f"{path}:3: field '<line>'" in msg
+    assert "2 bad row(s)" in msg and "skip_bad_rows" in msg
+
+
+def test_skip_bad_rows_counts_them(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    _write_bad_file(path)
+    manifest = prepare({"source": "local", "path": str(path), "format": "messages", "skip_bad_rows": True,
+                        "test_size": 1}, tmp_path / "out")
+    assert manifest["skipped_rows"] == 2 and manifest["rows"] == {"train": 1, "test": 1}
+
+
+def test_csv_and_parquet_sources(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"instruction": [f"q{i}" for i in range(10)], "output": [f"a{i}" for i in range(10)]})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.csv", "d.parquet"):
+        splits, problems = build({"source": "local", "path": str(tmp_path / name), "format": "alpaca",
+                                  "test_size": 2, "seed": 0})
+        assert len(splits["train"]) == 8 and len(splits["test"]) == 2 and not problems
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SnaketuneError, match="does not exist: fix datasets"):
+        load_local(str(tmp_path / "nope.jsonl"), "messages")
+
+
+def test_failed_prepare_leaves_no_output(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    _write_bad_file(path)
+    with pytest.raises(SnaketuneError):
+        prepare({"source": "local", "path": str(path)}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -1,0 +1,71 @@
+"""Config validation: defaults are filled in, and a wrong key or type names the key."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from conftest import ROOT
+
+SCHEMA = str(ROOT / "workflow/schemas/config.schema.yaml")
+
+
+def default_config():
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_gets_defaults():
+    config = default_config()
+    validate(config, SCHEMA, set_default=True)
+    sft = config["recipes"]["sft-lora"]
+    assert sft["lora"]["dropout"] == 0.0 and sft["truncation"] == "truncate"
+    assert config["tracking"]["uri"] == "" and config["seed"] == 0
+    assert config["benches"]["arith"]["batch_size"] == 32
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda c: c["recipes"]["sft-lora"].update(learnig_rate=1e-4), "learnig_rate"),
+    (lambda c: c["recipes"]["sft-lora"].update(learning_rate="fast"), "fast"),
+    (lambda c: c["recipes"]["sft-lora"].update(train_type="lorax"), "lorax"),
+    (lambda c: c.update(modles={}), "modles"),
+    (lambda c: c["models"]["tiny-qwen2"].update(source="hf"), "repo"),
+    (lambda c: c["recipes"].update(base=c["recipes"]["pt"]), "base"),
+])
+def test_bad_config_is_rejected_naming_the_key(mutate, needle):
+    config = default_config()
+    mutate(config)
+    with pytest.raises(Exception) as err:
+        validate(config, SCHEMA, set_default=True)
+    assert needle in str(err.value)
+
+
+def _dry_run(tmp_path, config):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "--snakefile", str(ROOT / "workflow/Snakefile"),
+                           "--configfile", str(path), "--directory", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dangling_references_stop_the_run_before_any_job(tmp_path):
+    config = default_config()
+    config["recipes"]["sft-lora"]["from"] = "pretrain"
+    config["evaluation"]["variants"].append("sft-lora/int3")
+    result = _dry_run(tmp_path, config)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "recipes.sft-lora.from: 'pretrain'" in out
+    assert "'int3' is not a key of quantize" in out
+
+
+def test_unknown_key_stops_snakemake_with_the_key_named(tmp_path):
+    config = default_config()
+    config["recipes"]["pt"]["epoch"] = 3
+    result = _dry_run(tmp_path, config)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "recipes.pt: Additional properties are not allowed ('epoch' was unexpected)" in out

@@ -1,0 +1,23 @@
+rule evaluate:
+    input:
+        model=eval_model,
+        data=bench_data,
+    output:
+        f"{RESULTS}/{{model}}/{{variant}}/eval/{{bench}}.json",
+    wildcard_constraints:
+        variant=r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?",
+    params:
+        spec=lambda wc: params_json({"name": wc.bench, **config["benches"][wc.bench]}),
+        tracking=lambda wc: tracking_env("evaluate", wc),
+    resources:
+        **step_resources("gpu", gpu=1),
+    log:
+        f"{RESULTS}/logs/{{model}}/{{variant}}/eval/{{bench}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{model}}/{{variant}}/eval/{{bench}}.tsv"
+    conda:
+        "../../envs/snaketune.yaml"
+    shell:
+        "SNAKETUNE_TRACKING={params.tracking:q} python -m snaketune.evaluate"
+        " --model {input.model} --data {input.data} --params {params.spec:q}"
+        " --variant {wildcards.variant} --out {output} > {log} 2>&1"

@@ -1,0 +1,54 @@
+FULL_RECIPES = [r for r in config["recipes"] if not is_adapter(r)]
+ADAPTER_RECIPES = [r for r in config["recipes"] if is_adapter(r)]
+
+
+rule train_full:
+    input:
+        unpack(train_input),
+    output:
+        directory(f"{RESULTS}/{{model}}/{{recipe}}/model"),
+    wildcard_constraints:
+        recipe=_alternatives(FULL_RECIPES),
+    params:
+        spec=lambda wc: params_json(with_seed(config["recipes"][wc.recipe])),
+        tracking=lambda wc: tracking_env("train_full", wc),
+        checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
+    threads: 1
+    resources:
+        **step_resources("gpu", gpu=1),
+    log:
+        f"{RESULTS}/logs/{{model}}/{{recipe}}/train.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{model}}/{{recipe}}/train.tsv"
+    conda:
+        "../../envs/snaketune.yaml"
+    shell:
+        "SNAKETUNE_TRACKING={params.tracking:q} python -m snaketune.train"
+        " --base {input.base} --data {input.data} --params {params.spec:q}"
+        " --out {output} --checkpoints {params.checkpoints} > {log} 2>&1"
+
+
+rule train_adapter:
+    input:
+        unpack(train_input),
+    output:
+        directory(f"{RESULTS}/{{model}}/{{recipe}}/adapter"),
+    wildcard_constraints:
+        recipe=_alternatives(ADAPTER_RECIPES),
+    params:
+        spec=lambda wc: params_json(with_seed(config["recipes"][wc.recipe])),
+        tracking=lambda wc: tracking_env("train_adapter", wc),
+        checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
+    threads: 1
+    resources:
+        **step_resources("gpu", gpu=1),
+    log:
+        f"{RESULTS}/logs/{{model}}/{{recipe}}/train.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{model}}/{{recipe}}/train.tsv"
+    conda:
+        "../../envs/snaketune.yaml"
+    shell:
+        "SNAKETUNE_TRACKING={params.tracking:q} python -m snaketune.train"
+        " --base {input.base} --data {input.data} --params {params.spec:q}"
+        " --out {output} --checkpoints {params.checkpoints} > {log} 2>&1"
