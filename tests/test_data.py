@@ -106,3 +106,36 @@ def test_failed_prepare_leaves_no_output(tmp_path):
         prepare({"source": "local", "path": str(path)}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_hf_source_goes_through_load_dataset_with_revision(tmp_path):
+    """The real datasets.load_dataset code path, pointed at a local dataset folder."""
+    repo = tmp_path / "alpaca-mini"
+    repo.mkdir()
+    rows = [{"instruction": f"Say {i}", "input": "", "output": str(i)} for i in range(40)]
+    (repo / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits, problems = build({"source": "hf", "repo": str(repo), "format": "alpaca", "test_size": 4,
+                              "samples": 10, "seed": 1})
+    assert len(splits["train"]) == 10 and len(splits["test"]) == 4 and not problems
+    assert splits["train"][0]["messages"][0]["content"].startswith("Say ")
+
+
+def test_modelscope_source_uses_msdataset(monkeypatch):
+    import sys
+    import types
+
+    seen = {}
+
+    class FakeMsDataset:
+        @staticmethod
+        def load(repo, subset_name, split, version):
+            seen.update(repo=repo, split=split, version=version)
+            return [{"instruction": "q", "output": "a"}, {"instruction": "q2"}]
+
+    module = types.ModuleType("modelscope.msdatasets")
+    module.MsDataset = FakeMsDataset
+    monkeypatch.setitem(sys.modules, "modelscope", types.ModuleType("modelscope"))
+    monkeypatch.setitem(sys.modules, "modelscope.msdatasets", module)
+    with pytest.raises(SnaketuneError, match=r"AI-ModelScope/alpaca\[train\]:2: field 'output'"):
+        build({"source": "modelscope", "repo": "AI-ModelScope/alpaca", "revision": "v1", "format": "alpaca"})
+    assert seen == {"repo": "AI-ModelScope/alpaca", "split": "train", "version": "v1"}

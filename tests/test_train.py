@@ -36,12 +36,12 @@ def test_pt_labels_every_token_and_ends_with_eos(tokenizer):
 
 
 def test_truncation_policies_count_what_they_do(tokenizer, tiny_data):
-    rows, stats = tokenize_dataset(tiny_data, "sft", tokenizer, 20, "truncate")
+    rows, stats = tokenize_dataset([tiny_data], "sft", tokenizer, 20, "truncate")
     assert stats["truncated"] > 0 and all(len(r["input_ids"]) <= 20 for r in rows)
-    rows, stats = tokenize_dataset(tiny_data, "sft", tokenizer, 20, "drop")
+    rows, stats = tokenize_dataset([tiny_data], "sft", tokenizer, 20, "drop")
     assert stats["dropped"] >= stats["truncated"] > 0
     with pytest.raises(SnaketuneError, match="no trainable samples"):
-        tokenize_dataset(tiny_data, "sft", tokenizer, 8, "drop")
+        tokenize_dataset([tiny_data], "sft", tokenizer, 8, "drop")
 
 
 RECIPE = {"stage": "sft", "learning_rate": 5e-3, "batch_size": 16, "max_steps": 12, "max_length": 48,
@@ -59,7 +59,7 @@ def test_training_writes_a_loadable_artifact(train_type, tiny_model, tiny_data, 
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    summary = train(str(tiny_model), str(tiny_data), {**RECIPE, "train_type": train_type}, str(out),
+    summary = train(str(tiny_model), [str(tiny_data)], {**RECIPE, "train_type": train_type}, str(out),
                     str(tmp_path / "ckpt"), NullRun())
     assert summary["steps"] == 12 and summary["final_loss"] < summary["first_loss"]
     assert json.loads((out / "training.json").read_text())["steps"] == 12
@@ -82,7 +82,7 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_same_adapter(tiny_model, t
 
     recipe = {**RECIPE, "train_type": "lora", "max_steps": 40, "save_steps": 5}
     ref = tmp_path / "ref"
-    train(str(tiny_model), str(tiny_data), recipe, str(ref), str(tmp_path / "ref.ckpt"), NullRun())
+    train(str(tiny_model), [str(tiny_data)], recipe, str(ref), str(tmp_path / "ref.ckpt"), NullRun())
 
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

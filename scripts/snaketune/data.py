@@ -1,8 +1,10 @@
 """Step `data`: make a dataset folder of validated, normalised JSONL files.
 
-Sources: ``synthetic`` (an arithmetic task generated deterministically from a seed) and ``local``
-(JSONL/JSON/Parquet/CSV files in the ``messages``, ``alpaca`` or ``sharegpt`` formats). Every row
-is validated; a bad row is reported as ``file:line: field: expected ..., found ...``.
+Sources: ``synthetic`` (an arithmetic task generated deterministically from a seed), ``local``
+(JSONL/JSON/Parquet/CSV files), ``hf`` (a Hugging Face dataset id + revision, or a local dataset
+folder, through ``datasets.load_dataset``) and ``modelscope`` (``MsDataset.load``), in the
+``messages``, ``alpaca`` or ``sharegpt`` formats. Every row is validated; a bad row is reported as
+``file:line: field: expected ..., found ...`` (``repo[split]:row`` for hub datasets).
 
 Output folder: ``train.jsonl`` and ``test.jsonl`` (``{"messages": [...]}``), ``pretrain.jsonl``
 (``{"text": ...}``), ``preference.jsonl`` (prompt/chosen/rejected), ``kto.jsonl``
@@ -125,31 +127,54 @@ def read_rows(path: Path):
         raise SnaketuneError(f"{path}: unsupported file type {suffix!r}: use .jsonl, .json, .parquet or .csv")
 
 
-def load_local(path: str, fmt: str, skip_bad_rows: bool = False) -> tuple[list[dict], list[str]]:
-    """Read and validate a local dataset file; returns (rows, problems).
+def hub_rows(params: dict):
+    """Yield (row_number, row) from a hub dataset (``hf`` or ``modelscope``) at a pinned revision."""
+    split = params.get("split", "train")
+    if params["source"] == "hf":
+        from datasets import load_dataset
+
+        rows = load_dataset(params["repo"], params.get("subset"), split=split, revision=params.get("revision"))
+    else:
+        try:
+            from modelscope.msdatasets import MsDataset
+        except ImportError as err:
+            raise SnaketuneError("dataset source 'modelscope' needs the modelscope package: "
+                                 "pip install modelscope") from err
+        rows = MsDataset.load(params["repo"], subset_name=params.get("subset"), split=split,
+                              version=params.get("revision", "master"))
+    yield from enumerate(rows, 1)
+
+
+def validate_rows(numbered_rows, where: str, fmt: str, skip_bad_rows: bool) -> tuple[list[dict], list[str]]:
+    """Convert and validate rows; returns (rows, problems).
 
     With ``skip_bad_rows`` bad rows are dropped and reported in ``problems``; otherwise any bad
-    row raises a SnaketuneError that lists every problem (file:line, field, expected vs found).
+    row raises a SnaketuneError that lists every problem (where:line, field, expected vs found).
     """
-    file = Path(path)
-    if not file.is_file():
-        raise SnaketuneError(f"dataset file {file} does not exist: fix datasets.<name>.path in the config")
     rows, problems = [], []
-    for n, row in read_rows(file):
+    for n, row in numbered_rows:
         try:
             if isinstance(row, RowError):
                 raise row
             rows.append({"messages": to_messages(row, fmt)})
         except RowError as err:
-            problems.append(f"{file}:{n}: {err}")
+            problems.append(f"{where}:{n}: {err}")
     if problems and not skip_bad_rows:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise SnaketuneError(
-            f"{len(problems)} bad row(s) in {file} (format {fmt!r}):\n  {shown}{more}\n"
+            f"{len(problems)} bad row(s) in {where} (format {fmt!r}):\n  {shown}{more}\n"
             "Fix the rows, or set skip_bad_rows: true on the dataset to drop them (they are counted)."
         )
     return rows, problems
+
+
+def load_local(path: str, fmt: str, skip_bad_rows: bool = False) -> tuple[list[dict], list[str]]:
+    """Read and validate a local dataset file; see ``validate_rows``."""
+    file = Path(path)
+    if not file.is_file():
+        raise SnaketuneError(f"dataset file {file} does not exist: fix datasets.<name>.path in the config")
+    return validate_rows(read_rows(file), str(file), fmt, skip_bad_rows)
 
 
 def addition_task(params: dict) -> dict[str, list[dict]]:
@@ -194,23 +219,31 @@ def split(rows: list[dict], test_size: int | float, seed: int) -> tuple[list[dic
 
 
 def build(params: dict) -> tuple[dict[str, list[dict]], list[str]]:
-    """Return the splits of the dataset described by ``params`` and the skipped-row problems."""
+    """Return the splits of the dataset described by ``params`` and the skipped-row problems.
+
+    Rows are shuffled with the seed; ``test_path`` or ``test_size`` gives the held-out split and
+    ``samples`` caps the training split (ms-swift's ``name#500``).
+    """
     source = params.get("source", "synthetic")
     if source == "synthetic":
         return addition_task(params), []
-    if source == "local":
-        fmt, skip, seed = params.get("format", "messages"), params.get("skip_bad_rows", False), params.get("seed", 0)
+    fmt, skip, seed = params.get("format", "messages"), params.get("skip_bad_rows", False), params.get("seed", 0)
+    if source in ("hf", "modelscope"):
+        where = f"{params['repo']}[{params.get('split', 'train')}]"
+        rows, problems = validate_rows(hub_rows(params), where, fmt, skip)
+    elif source == "local":
         rows, problems = load_local(params["path"], fmt, skip)
-        if params.get("test_path"):
-            test, more = load_local(params["test_path"], fmt, skip)
-            problems += more
-            train = rows
-        else:
-            train, test = split(rows, params.get("test_size", 0.05), seed)
-        if params.get("samples"):
-            train = train[: params["samples"]]
-        return {"train": train, "test": test}, problems
-    raise SnaketuneError(f"unknown dataset source {source!r}: use synthetic or local")
+    else:
+        raise SnaketuneError(f"unknown dataset source {source!r}: use synthetic, local, hf or modelscope")
+    if params.get("test_path"):
+        test, more = load_local(params["test_path"], fmt, skip)
+        problems += more
+        train = split(rows, 0, seed)[0]
+    else:
+        train, test = split(rows, params.get("test_size", 0.05), seed)
+    if params.get("samples"):
+        train = train[: params["samples"]]
+    return {"train": train, "test": test}, problems
 
 
 def _dump(rows: list[dict], path: Path) -> str:

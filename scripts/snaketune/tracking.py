@@ -1,8 +1,9 @@
 """MLflow tracking for one workflow step: one step invocation is one MLflow run.
 
-The rule passes where to log through the ``SNAKETUNE_TRACKING`` environment variable, a JSON
-object ``{"uri": ..., "experiment": ..., "tags": {...}}``. Without it, steps log to
-``$MLFLOW_TRACKING_URI`` or to the embedded default ``sqlite:///results/mlflow.db``.
+The workflow says where to log through the ``SNAKETUNE_TRACKING`` environment variable, a JSON
+object ``{"uri": ..., "experiment": ..., "tags": {...}}``, and names the job in ``SNAKETUNE_JOB``
+(``rule[wildcards]``). Without them, steps log to ``$MLFLOW_TRACKING_URI`` or to the embedded
+default ``sqlite:///results/mlflow.db``.
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ def step_run(step: str, params: dict, run_name: str | None = None):
     uri = resolve_uri(ctx.get("uri"))
     experiment = ctx.get("experiment") or "snaketune"
     tags = {"snaketune.step": step, **ctx.get("tags", {})}
+    job = os.environ.get("SNAKETUNE_JOB")
+    if job:
+        rule, _, wildcards = job.partition("[")
+        tags.update({"snakemake.job": job, "snakemake.rule": rule, "snakemake.wildcards": wildcards.rstrip("]")})
+    if os.environ.get("SLURM_JOB_ID"):
+        tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
     for attempt in range(5):  # concurrent jobs may race on a fresh SQLite schema
         try:
             _setup(mlflow, uri, experiment)

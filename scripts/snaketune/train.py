@@ -62,12 +62,15 @@ def tokenize_pt(text: str, tokenizer, max_length: int) -> dict:
     return {"input_ids": ids[:max_length], "labels": ids[:max_length], "truncated": len(ids) > max_length}
 
 
-def tokenize_dataset(data_dir: Path, stage: str, tokenizer, max_length: int, policy: str):
-    """Tokenize the stage's split; apply the ``truncate``/``drop`` policy; returns (rows, stats)."""
-    if stage == "pt":
-        rows = [tokenize_pt(r["text"], tokenizer, max_length) for r in read_jsonl(data_dir / "pretrain.jsonl")]
-    else:
-        rows = [tokenize_sft(r["messages"], tokenizer, max_length) for r in read_jsonl(data_dir / "train.jsonl")]
+def tokenize_dataset(data_dirs: list[Path], stage: str, tokenizer, max_length: int, policy: str):
+    """Tokenize the stage's split of every dataset folder (a mix is concatenated; the trainer
+    shuffles with the seed); apply the ``truncate``/``drop`` policy; returns (rows, stats)."""
+    rows = []
+    for data_dir in map(Path, data_dirs):
+        if stage == "pt":
+            rows += [tokenize_pt(r["text"], tokenizer, max_length) for r in read_jsonl(data_dir / "pretrain.jsonl")]
+        else:
+            rows += [tokenize_sft(r["messages"], tokenizer, max_length) for r in read_jsonl(data_dir / "train.jsonl")]
     cut = [r.pop("truncated") for r in rows]
     if policy == "drop":
         kept = [r for r, c in zip(rows, cut) if not c]
@@ -81,7 +84,7 @@ def tokenize_dataset(data_dir: Path, stage: str, tokenizer, max_length: int, pol
     stats = {"samples": len(rows), "truncated": sum(cut), "dropped": len(rows) - len(kept),
              "tokens": sum(len(r["input_ids"]) for r in kept)}
     if not kept:
-        raise SnaketuneError(f"no trainable samples in {data_dir} for stage {stage!r}: "
+        raise SnaketuneError(f"no trainable samples in {', '.join(map(str, data_dirs))} for stage {stage!r}: "
                              "check max_length and that rows have assistant turns")
     return kept, stats
 
@@ -176,7 +179,7 @@ def latest_checkpoint(folder: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
 
 
-def train(base: str, data: str, recipe: dict, out: str, checkpoints: str | None = None, run=None) -> dict:
+def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str | None = None, run=None) -> dict:
     """Train ``base`` on ``data`` with ``recipe``; write the adapter/model folder ``out``.
 
     Returns the summary written to ``out/training.json``.
@@ -196,7 +199,7 @@ def train(base: str, data: str, recipe: dict, out: str, checkpoints: str | None 
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows, data_stats = tokenize_dataset(Path(data), stage, tokenizer, recipe.get("max_length", 2048),
+    rows, data_stats = tokenize_dataset(data, stage, tokenizer, recipe.get("max_length", 2048),
                                         recipe.get("truncation", "truncate"))
     print(f"data: {data_stats['samples']} samples, {data_stats['tokens']:,} tokens, "
           f"{data_stats['truncated']} truncated, {data_stats['dropped']} dropped", flush=True)
@@ -297,7 +300,7 @@ def train(base: str, data: str, recipe: dict, out: str, checkpoints: str | None 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m snaketune.train", description=__doc__)
     ap.add_argument("--base", required=True, help="HF model folder to start from")
-    ap.add_argument("--data", required=True, help="dataset folder (from the data step)")
+    ap.add_argument("--data", required=True, nargs="+", help="dataset folder(s) from the data step")
     ap.add_argument("--params", required=True, help="JSON: the recipes.<name> block of the config")
     ap.add_argument("--out", required=True, help="output adapter (LoRA family) or model (full) folder")
     ap.add_argument("--checkpoints", help="checkpoint folder (default: <out>.checkpoints)")

@@ -1,6 +1,7 @@
 """Config validation, path helpers and input functions shared by the rules."""
 
 import json
+import shlex
 import subprocess
 
 from snakemake.utils import min_version, validate
@@ -50,13 +51,29 @@ def _git_commit():
 
 GIT_COMMIT = _git_commit()
 
+# Where every step logs (read by snaketune.tracking); per-job tags come from each rule's params.
+# A shell prefix, not a rule param, so a new commit or study name reruns nothing.
+TRACKING = json.dumps(
+    {"uri": config["tracking"]["uri"], "experiment": config["study"],
+     "tags": {"git.commit": GIT_COMMIT, "study": config["study"]}}
+)
+_QUOTED = shlex.quote(TRACKING).replace("{", "{{").replace("}", "}}")
+shell.prefix(f"export SNAKETUNE_TRACKING={_QUOTED}; ")
+
+
+def recipe_datasets(recipe):
+    """The dataset keys a recipe trains on (one, or a mix)."""
+    names = config["recipes"][recipe]["dataset"]
+    return [names] if isinstance(names, str) else names
+
 
 def _check_references():
     """Fail before any job if a name points at nothing; say which key to fix."""
     problems = []
     for name, recipe in config["recipes"].items():
-        if recipe["dataset"] not in config["datasets"]:
-            problems.append(f"recipes.{name}.dataset: {recipe['dataset']!r} is not a key of datasets")
+        for dataset in recipe_datasets(name):
+            if dataset not in config["datasets"]:
+                problems.append(f"recipes.{name}.dataset: {dataset!r} is not a key of datasets")
         if recipe["from"] != "base" and recipe["from"] not in config["recipes"]:
             problems.append(f"recipes.{name}.from: {recipe['from']!r} is neither 'base' nor a recipe")
     for name, quant in config.get("quantize", {}).items():
@@ -110,7 +127,7 @@ def train_input(wildcards):
     recipe = config["recipes"][wildcards.recipe]
     return {
         "base": model_dir(wildcards.model, recipe["from"]),
-        "data": f"{RESULTS}/datasets/{recipe['dataset']}",
+        "data": [f"{RESULTS}/datasets/{d}" for d in recipe_datasets(wildcards.recipe)],
     }
 
 
@@ -141,24 +158,37 @@ def params_json(block):
     return json.dumps(block, sort_keys=True)
 
 
-def tracking_env(rule, wildcards):
-    """JSON for SNAKETUNE_TRACKING: where to log and the tags identifying this job."""
-    tags = {
-        "snakemake.rule": rule,
-        "snakemake.wildcards": ",".join(f"{k}={v}" for k, v in wildcards.items()),
-        "snakemake.job": f"{rule}[{','.join(f'{k}={v}' for k, v in wildcards.items())}]",
-        "git.commit": GIT_COMMIT,
-        "study": config["study"],
-    }
-    return json.dumps({"uri": config["tracking"]["uri"], "experiment": config["study"], "tags": tags})
+def job_label(rule):
+    """Param naming the job for MLflow tags: rule[wildcard=value,...] (stable, so no reruns)."""
+    return lambda wc: f"{rule}[{','.join(f'{k}={v}' for k, v in wc.items())}]"
 
 
-def step_resources(kind, block=None, gpu=0):
-    """Resources for a job: step block > config.resources.<gpu|cpu> > built-in defaults."""
-    defaults = {"gpu": gpu, "mem_mb": 4000, "runtime": 60}
-    defaults.update(config["resources"].get("gpu" if gpu else "cpu", {}))
-    defaults.update((block or {}).get("resources", {}))
-    return defaults
+RESOURCE_DEFAULTS = {"gpu": {"gpu": 1, "mem_mb": 16000, "runtime": 120}, "cpu": {"gpu": 0, "mem_mb": 4000, "runtime": 60}}
+
+
+def _optional_keys():
+    """Resource keys some config block sets beyond the ones every job has (e.g. gpu_model)."""
+    blocks = [config["resources"].get(k, {}) for k in ("gpu", "cpu")]
+    for section in ("models", "recipes", "quantize", "benches"):
+        blocks += [b.get("resources", {}) for b in config.get(section, {}).values()]
+    return sorted({k for b in blocks for k in b} - {"gpu", "mem_mb", "runtime", "threads"})
+
+
+def job_resources(kind, section=None, wildcard=None):
+    """Per-job resources: the step's own resources block > config.resources.<kind> > defaults.
+
+    ``kind`` is "gpu" for steps that want an accelerator (train, quantize, evaluate) and "cpu"
+    otherwise; ``section``/``wildcard`` name the config block of the job (e.g. recipes/recipe).
+    """
+
+    def resolve(wildcards):
+        merged = {**RESOURCE_DEFAULTS[kind], **config["resources"].get(kind, {})}
+        if section:
+            merged.update(config[section][wildcards[wildcard]].get("resources", {}))
+        return merged
+
+    keys = ["gpu", "mem_mb", "runtime", *_optional_keys()]
+    return {key: (lambda wildcards, key=key: resolve(wildcards).get(key, "")) for key in keys}
 
 
 def eval_targets():

@@ -2,10 +2,10 @@ rule prepare_data:
     output:
         directory(f"{RESULTS}/datasets/{{dataset}}"),
     params:
+        job=job_label("prepare_data"),
         spec=lambda wc: params_json(with_seed(config["datasets"][wc.dataset])),
-        tracking=lambda wc: tracking_env("prepare_data", wc),
     resources:
-        **step_resources("cpu"),
+        **job_resources("cpu"),
     log:
         f"{RESULTS}/logs/datasets/{{dataset}}.log",
     benchmark:
@@ -13,5 +13,5 @@ rule prepare_data:
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_TRACKING={params.tracking:q} python -m snaketune.data"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.data"
         " --params {params.spec:q} --out {output} > {log} 2>&1"

@@ -7,10 +7,10 @@ rule evaluate:
     wildcard_constraints:
         variant=r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?",
     params:
+        job=job_label("evaluate"),
         spec=lambda wc: params_json({"name": wc.bench, **config["benches"][wc.bench]}),
-        tracking=lambda wc: tracking_env("evaluate", wc),
     resources:
-        **step_resources("gpu", gpu=1),
+        **job_resources("gpu", "benches", "bench"),
     log:
         f"{RESULTS}/logs/{{model}}/{{variant}}/eval/{{bench}}.log",
     benchmark:
@@ -18,6 +18,6 @@ rule evaluate:
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_TRACKING={params.tracking:q} python -m snaketune.evaluate"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.evaluate"
         " --model {input.model} --data {input.data} --params {params.spec:q}"
         " --variant {wildcards.variant} --out {output} > {log} 2>&1"

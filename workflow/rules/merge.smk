@@ -7,9 +7,9 @@ rule merge_adapter:
     wildcard_constraints:
         recipe=_alternatives(ADAPTER_RECIPES),
     params:
-        tracking=lambda wc: tracking_env("merge_adapter", wc),
+        job=job_label("merge_adapter"),
     resources:
-        **step_resources("cpu"),
+        **job_resources("cpu"),
     log:
         f"{RESULTS}/logs/{{model}}/{{recipe}}/merge.log",
     benchmark:
@@ -17,5 +17,5 @@ rule merge_adapter:
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_TRACKING={params.tracking:q} python -m snaketune.merge"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.merge"
         " --base {input.base} --adapter {input.adapter} --out {output} > {log} 2>&1"

@@ -2,10 +2,10 @@ rule fetch_model:
     output:
         directory(f"{RESULTS}/{{model}}/base/model"),
     params:
+        job=job_label("fetch_model"),
         spec=lambda wc: params_json(with_seed(config["models"][wc.model])),
-        tracking=lambda wc: tracking_env("fetch_model", wc),
     resources:
-        **step_resources("cpu"),
+        **job_resources("cpu", "models", "model"),
     log:
         f"{RESULTS}/logs/{{model}}/fetch_model.log",
     benchmark:
@@ -13,5 +13,5 @@ rule fetch_model:
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_TRACKING={params.tracking:q} python -m snaketune.model"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.model"
         " --params {params.spec:q} --out {output} > {log} 2>&1"

@@ -5,10 +5,10 @@ rule quantize:
     output:
         directory(f"{RESULTS}/{{model}}/{{stem}}/{{quant}}/model"),
     params:
+        job=job_label("quantize"),
         spec=lambda wc: params_json(with_seed(config["quantize"][wc.quant])),
-        tracking=lambda wc: tracking_env("quantize", wc),
     resources:
-        **step_resources("gpu", gpu=1),
+        **job_resources("gpu", "quantize", "quant"),
     log:
         f"{RESULTS}/logs/{{model}}/{{stem}}/{{quant}}/quantize.log",
     benchmark:
@@ -16,5 +16,5 @@ rule quantize:
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_TRACKING={params.tracking:q} python -m snaketune.quantize"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.quantize"
         " --model {input.model} --data {input.data} --params {params.spec:q} --out {output} > {log} 2>&1"

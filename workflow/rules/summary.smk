@@ -5,13 +5,15 @@ rule summary:
         json=f"{RESULTS}/summary.json",
         md=f"{RESULTS}/summary.md",
     params:
-        tracking=lambda wc: tracking_env("summary", wc),
+        job=job_label("summary"),
     resources:
-        **step_resources("cpu"),
+        **job_resources("cpu"),
     log:
         f"{RESULTS}/logs/summary.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/summary.tsv"
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_TRACKING={params.tracking:q} python -m snaketune.summary"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.summary"
         " --evals {input} --out-json {output.json} --out-md {output.md} > {log} 2>&1"

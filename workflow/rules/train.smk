@@ -10,12 +10,12 @@ rule train_full:
     wildcard_constraints:
         recipe=_alternatives(FULL_RECIPES),
     params:
+        job=job_label("train_full"),
         spec=lambda wc: params_json(with_seed(config["recipes"][wc.recipe])),
-        tracking=lambda wc: tracking_env("train_full", wc),
         checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
     threads: 1
     resources:
-        **step_resources("gpu", gpu=1),
+        **job_resources("gpu", "recipes", "recipe"),
     log:
         f"{RESULTS}/logs/{{model}}/{{recipe}}/train.log",
     benchmark:
@@ -23,7 +23,7 @@ rule train_full:
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_TRACKING={params.tracking:q} python -m snaketune.train"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.train"
         " --base {input.base} --data {input.data} --params {params.spec:q}"
         " --out {output} --checkpoints {params.checkpoints} > {log} 2>&1"
 
@@ -36,12 +36,12 @@ rule train_adapter:
     wildcard_constraints:
         recipe=_alternatives(ADAPTER_RECIPES),
     params:
+        job=job_label("train_adapter"),
         spec=lambda wc: params_json(with_seed(config["recipes"][wc.recipe])),
-        tracking=lambda wc: tracking_env("train_adapter", wc),
         checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
     threads: 1
     resources:
-        **step_resources("gpu", gpu=1),
+        **job_resources("gpu", "recipes", "recipe"),
     log:
         f"{RESULTS}/logs/{{model}}/{{recipe}}/train.log",
     benchmark:
@@ -49,6 +49,6 @@ rule train_adapter:
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_TRACKING={params.tracking:q} python -m snaketune.train"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.train"
         " --base {input.base} --data {input.data} --params {params.spec:q}"
         " --out {output} --checkpoints {params.checkpoints} > {log} 2>&1"

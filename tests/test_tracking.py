@@ -1,0 +1,94 @@
+"""MLflow tracking: runs land in the embedded SQLite store and on a real tracking server."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from snaketune.tracking import resolve_uri, step_run
+
+
+def _runs(uri, experiment):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def test_step_run_logs_params_metrics_tags_and_artifacts(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("SNAKETUNE_TRACKING", json.dumps(
+        {"uri": uri, "experiment": "exp", "tags": {"snakemake.rule": "train_adapter", "git.commit": "abc"}}))
+    note = tmp_path / "note.json"
+    note.write_text("{}")
+    with step_run("train", {"lora": {"r": 8}, "learning_rate": 1e-4}) as run:
+        run.log_metrics({"loss": 2.0}, step=1)
+        run.log_metrics({"loss": 1.0}, step=2)
+        run.log_artifact(note)
+    [r] = _runs(uri, "exp")
+    assert r.data.params == {"lora.r": "8", "learning_rate": "0.0001"}
+    assert r.data.tags["snakemake.rule"] == "train_adapter" and r.data.tags["snaketune.step"] == "train"
+    assert r.data.metrics["loss"] == 1.0 and "duration_s" in r.data.metrics
+    assert r.info.status == "FINISHED"
+    import mlflow
+
+    history = mlflow.MlflowClient(uri).get_metric_history(r.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
+    assert [a.path for a in mlflow.MlflowClient(uri).list_artifacts(r.info.run_id)] == ["note.json"]
+
+
+def test_failed_step_ends_its_run_failed(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("SNAKETUNE_TRACKING", json.dumps({"uri": uri, "experiment": "exp"}))
+    with pytest.raises(RuntimeError):
+        with step_run("train", {}):
+            raise RuntimeError("boom")
+    assert _runs(uri, "exp")[0].info.status == "FAILED"
+
+
+def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri("") == f"sqlite:///{tmp_path}/results/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_uri("") == "http://127.0.0.1:5999"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runs_arrive_on_a_real_mlflow_server(tmp_path, monkeypatch):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not become healthy in 60 s")
+        monkeypatch.setenv("SNAKETUNE_TRACKING", json.dumps({"uri": url, "experiment": "remote"}))
+        with step_run("evaluate", {"bench": "arith"}) as run:
+            run.log_metrics({"exact_match": 0.5})
+        [r] = _runs(url, "remote")
+        assert r.data.metrics["exact_match"] == 0.5 and r.data.params["bench"] == "arith"
+    finally:
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

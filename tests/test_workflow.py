@@ -1,0 +1,136 @@
+"""The whole default workflow, run by Snakemake in a temporary directory.
+
+A shortened copy of config.yaml (fewer training steps) keeps it to a few minutes on 2 cores; the
+chain, the rules and the step code are the default study's.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny-qwen2"
+
+
+def shortened_config():
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["recipes"]["pt"]["epochs"] = 20
+    config["recipes"]["sft-lora"]["max_steps"] = 400
+    return config
+
+
+def snakemake(workdir, *args, timeout=1200):
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow/Snakefile"),
+           "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                            env={**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}:"
+                                 + __import__("os").environ["PATH"]})
+    return result
+
+
+def jobs_run(result):
+    """Rule names of the jobs a snakemake run executed, with multiplicity."""
+    return sorted(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", result.stdout + result.stderr))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    work = tmp_path_factory.mktemp("study")
+    (work / "config.yaml").write_text(yaml.safe_dump(shortened_config()))
+    result = snakemake(work)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return work, result
+
+
+def score(work, variant):
+    return json.loads((work / f"results/{MODEL}/{variant}/eval/arith.json").read_text())["score"]
+
+
+def test_every_step_leaves_its_artifact(study):
+    work, _ = study
+    res = work / "results" / MODEL
+    assert (res / "base/model/config.json").is_file() and (res / "base/model/source.json").is_file()
+    assert (res / "pt/model/model.safetensors").is_file()
+    assert (res / "sft-lora/adapter/adapter_config.json").is_file()
+    assert json.loads((res / "sft-lora/model/merge.json").read_text())["max_logit_diff"] < 1e-3
+    assert (res / "sft-lora/fp8/model/quantization.json").is_file()
+    for name in ("train", "test", "pretrain", "preference", "kto"):
+        assert (work / f"results/datasets/arith/{name}.jsonl").is_file()
+    assert not list(work.glob("results/**/.*partial*")), "temporary output left behind"
+
+
+def test_adapter_loads_in_plain_peft_and_matches_the_merged_model(study):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    work, _ = study
+    res = work / "results" / MODEL
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res / "pt/model"), res / "sft-lora/adapter")
+    merged = AutoModelForCausalLM.from_pretrained(res / "sft-lora/model")
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+def test_sft_learns_what_base_cannot(study):
+    work, _ = study
+    base, pt, sft = score(work, "base"), score(work, "pt"), score(work, "sft-lora")
+    assert base <= 0.02 and pt <= 0.05, (base, pt)
+    assert sft >= 0.3, sft
+    record = json.loads((work / f"results/{MODEL}/sft-lora/eval/arith.json").read_text())
+    assert record["n"] == 200 and record["metric"] == "exact_match" and len(record["model_sha256"]) == 64
+    assert record["model_path"].endswith("sft-lora/model")
+
+
+def test_summary_joins_every_variant_and_is_printed(study):
+    work, result = study
+    rows = json.loads((work / "results/summary.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"base", "pt", "sft-lora", "sft-lora/fp8"}
+    assert {r["variant"]: r["score"] for r in rows}["sft-lora"] == score(work, "sft-lora")
+    assert "| tiny-qwen2 | sft-lora | arith | exact_match |" in result.stdout
+
+
+def test_one_mlflow_run_per_job_with_params_metrics_and_tags(study):
+    import mlflow
+
+    work, result = study
+    mlflow.set_tracking_uri(f"sqlite:///{work}/results/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["demo"], output_format="list")
+    rules = sorted(r.data.tags["snakemake.rule"] for r in runs)
+    assert rules == [j for j in jobs_run(result) if j != "all"]
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["git.commit"]
+        assert "duration_s" in run.data.metrics
+    train = next(r for r in runs if r.data.tags["snakemake.rule"] == "train_adapter")
+    assert train.data.params["learning_rate"] == "0.002" and train.data.params["lora.r"] == "16"
+    assert train.data.tags["snakemake.wildcards"] == f"model={MODEL},recipe=sft-lora"
+    history = mlflow.MlflowClient().get_metric_history(train.info.run_id, "loss")
+    assert len(history) >= 5 and history[-1].value < history[0].value
+
+
+def test_second_run_does_nothing(study):
+    work, _ = study
+    result = snakemake(work)
+    assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_changing_one_recipe_reruns_only_its_dependants(study):
+    work, _ = study
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    config["recipes"]["sft-lora"]["learning_rate"] = 1.5e-3
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    untouched = work / f"results/{MODEL}/pt/eval/arith.json"
+    before = untouched.stat().st_mtime_ns
+    result = snakemake(work)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert jobs_run(result) == ["all", "evaluate", "evaluate", "merge_adapter", "quantize", "summary",
+                                "train_adapter"]
+    assert untouched.stat().st_mtime_ns == before
