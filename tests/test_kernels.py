@@ -136,6 +136,17 @@ def test_packed_matches_padded(with_cu):
     assert_grads_close(grads(fast), grads(ref))
 
 
+def test_varlen_rows_matches_sdpa():
+    ref = tiny_qwen2()
+    fast = kernels.apply_speedups(copy.deepcopy(ref), {"fused_ce": True, "packing": True, "varlen_rows": True})
+    ids = torch.randint(0, 384, (3, 20))
+    ref.train(), fast.train()
+    l_ref, l_fast = ref(input_ids=ids, labels=ids).loss, fast(input_ids=ids, labels=ids).loss
+    l_ref.backward(), l_fast.backward()
+    torch.testing.assert_close(l_fast, l_ref, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads(fast), grads(ref))
+
+
 def test_resolve_options():
     assert kernels.resolve_options({}, cuda=False) == {k: False for k in kernels.OPTION_KEYS}
     on = kernels.resolve_options({"liger": False, "compile": True}, cuda=True)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 ATTN_NAME = "snaketune_varlen"
 OPTION_KEYS = ("fused_ce", "fast_lora", "packing", "compile")
+# also accepted: varlen_rows (unpadded fixed-length rows through the varlen kernel), compile_dynamic
+# (symbolic shapes: one graph for packed batches of varying length), ce_chunk_tokens, ce_impl
 # default on GPU when the recipe says nothing ("auto"); compile stays opt-in until measured
 GPU_DEFAULTS = {"fused_ce": True, "fast_lora": True, "packing": True, "compile": False}
 
@@ -45,7 +47,7 @@ def resolve_options(recipe: dict, cuda: bool) -> dict:
     """Options for ``apply_speedups`` from a recipe: each key true/false/"auto" (auto: GPU default).
 
     ``liger`` is accepted as an alias of ``fused_ce``. ``ce_chunk_tokens`` (rows per chunk of the
-    fused cross-entropy) passes through.
+    fused cross-entropy) and ``ce_impl`` ("chunked" or "liger") pass through.
     """
     out = {}
     for key in OPTION_KEYS:
@@ -53,6 +55,11 @@ def resolve_options(recipe: dict, cuda: bool) -> dict:
         out[key] = (cuda and GPU_DEFAULTS[key]) if value in ("auto", None) else bool(value)
     if recipe.get("ce_chunk_tokens"):
         out["ce_chunk_tokens"] = int(recipe["ce_chunk_tokens"])
+    if recipe.get("ce_impl"):
+        out["ce_impl"] = str(recipe["ce_impl"])
+    for key in ("varlen_rows", "compile_dynamic"):
+        if recipe.get(key):
+            out[key] = True
     return out
 
 
@@ -94,8 +101,9 @@ class _FusedLinearCE(torch.autograd.Function):
         n = hidden.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        # weight gradient accumulated in place by the matmul epilogue (fp32 inside cuBLAS, stored
+        # in the weight's dtype, as Liger does): one pass per chunk instead of four
+        grad_w = torch.zeros_like(weight) if need_w else None
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         kernel = _ce_chunk_fn(hidden.device) if compiled else _ce_chunk
         n_chunks = max(1, math.ceil(n / chunk_rows))
@@ -109,7 +117,7 @@ class _FusedLinearCE(torch.autograd.Function):
             if need_h:
                 torch.mm(g, weight, out=grad_h[start:stop])
             if need_w:
-                grad_w += (g.t() @ h).to(acc)
+                grad_w.addmm_(g.t(), h)
             start = stop
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -128,21 +136,28 @@ class _FusedLinearCE(torch.autograd.Function):
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                num_items_in_batch=None, ignore_index: int = -100,
                                chunk_tokens: int | None = None, compiled: bool = True,
-                               shift: bool = True) -> torch.Tensor:
+                               shift: bool = True, impl: str = "chunked") -> torch.Tensor:
     """The causal-LM loss of HF's ``ForCausalLMLoss`` without full logits.
 
     ``hidden`` [..., T, H] final hidden states, ``weight`` [V, H] the LM head, ``labels`` [..., T].
     With ``shift`` the token at t predicts ``labels[t+1]`` (HF semantics). Reduction as HF:
     sum / ``num_items_in_batch`` when given, else mean over non-ignored targets.
-    ``chunk_tokens``: rows per chunk (default: about 2**28 fp32 logits per chunk, 1 GiB).
+    ``chunk_tokens``: rows per chunk (default: about 2**27 fp32 logits per chunk, 0.5 GiB).
+    ``impl``: "chunked" (this module, plain torch; the chunk's softmax-gradient compiled on CUDA)
+    or "liger" (Liger-Kernel's LigerFusedLinearCrossEntropyLoss, if installed).
     """
     if shift:
         labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
-    if chunk_tokens is None:
-        chunk_tokens = max(256, (1 << 28) // weight.shape[0])
-    total = _FusedLinearCE.apply(h, weight, y, ignore_index, chunk_tokens, compiled)
+    if impl == "liger":  # Liger-Kernel's Triton FLCE, where installed (benchmark comparison)
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        total = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum")(weight, h, y)
+    else:
+        if chunk_tokens is None:
+            chunk_tokens = max(256, (1 << 27) // weight.shape[0])
+        total = _FusedLinearCE.apply(h, weight, y, ignore_index, chunk_tokens, compiled)
     if num_items_in_batch is not None:
         denom = num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
     else:
@@ -164,7 +179,8 @@ def _fused_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     opts = self._snaketune_options
-    varlen = _varlen_kwargs(self, position_ids, attention_mask, kwargs)
+    varlen = _varlen_kwargs(self, position_ids, attention_mask, {**kwargs, "input_ids": input_ids,
+                                                                 "inputs_embeds": inputs_embeds})
     if varlen:
         kwargs.update(varlen)
         # skip mask creation: the varlen kernel takes the boundaries from cu_seq_lens
@@ -183,7 +199,7 @@ def _fused_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     loss = fused_linear_cross_entropy(
         hidden, self.lm_head.weight, labels if shift_labels is None else shift_labels,
         num_items_in_batch=num_items, chunk_tokens=opts.get("ce_chunk_tokens"),
-        compiled=hidden.is_cuda, shift=shift_labels is None)
+        compiled=hidden.is_cuda, shift=shift_labels is None, impl=opts.get("ce_impl", "chunked"))
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
 
 
@@ -230,7 +246,7 @@ def _fast_lora_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
-    if (name not in self.lora_A or name in self.lora_variant or base.weight.requires_grad
+    if (name not in self.lora_A or name in getattr(self, "lora_variant", {}) or base.weight.requires_grad
             or not isinstance(self.lora_dropout[name], torch.nn.Identity)
             or (base.bias is not None and base.bias.requires_grad)):
         return type(self).forward(self, x, *args, **kwargs)
@@ -325,7 +341,16 @@ def _varlen_kwargs(lm, position_ids, attention_mask, kwargs) -> dict | None:
         return None
     if "cu_seq_lens_q" in kwargs:
         return {}  # already given by the collator: keep mask creation skipped below
-    return varlen_from_position_ids(position_ids)
+    packed = varlen_from_position_ids(position_ids)
+    if packed is None and position_ids is None and lm._snaketune_options.get("varlen_rows"):
+        # unpadded [B, L] rows, each one sequence: the varlen kernel instead of sdpa (no host sync)
+        ref = kwargs.get("inputs_embeds", None)
+        ids = kwargs.get("input_ids", None)
+        shape = (ids if ids is not None else ref).shape[:2]
+        device = (ids if ids is not None else ref).device
+        cu = torch.arange(0, (shape[0] + 1) * shape[1], shape[1], device=device, dtype=torch.int32)
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": shape[1], "max_length_k": shape[1]}
+    return packed
 
 
 @functools.lru_cache(maxsize=None)
@@ -410,7 +435,16 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def compile_layers(model, **compile_kwargs) -> int:
-    """torch.compile each decoder layer in place (regional compilation); returns how many."""
+    """torch.compile each decoder layer in place (regional compilation); returns how many.
+
+    Static shapes by default (``dynamic=False``): a new batch shape compiles again (seconds to a
+    minute) instead of switching to slower symbolic-shape kernels; keep shapes few (fixed-length
+    rows, or ``PackedCollator(pad_to_multiple_of=...)``).
+    """
+    compile_kwargs.setdefault("dynamic", False)
+    cfg = torch._dynamo.config
+    if hasattr(cfg, "recompile_limit"):  # one graph per shape: allow more shapes before eager fallback
+        cfg.recompile_limit = max(cfg.recompile_limit, 64)
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(**compile_kwargs)
@@ -439,7 +473,7 @@ def apply_speedups(model, options: dict):
         lm.config._attn_implementation = register_attention()
         done["packing"] = ATTN_NAME
     if options.get("compile") and not done.get("compile"):
-        done["compile"] = compile_layers(model)
+        done["compile"] = compile_layers(model, dynamic=True if options.get("compile_dynamic") else False)
     done["fused_ce"] = bool(options.get("fused_ce"))
     lm._snaketune_applied = done
     model.snaketune_speedups = done
