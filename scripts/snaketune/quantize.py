@@ -246,7 +246,8 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
         raise SnaketuneError(f"unknown quantize method {method!r}: use one of {', '.join(METHODS)}")
     if not (Path(model_dir) / "config.json").is_file():
         raise SnaketuneError(f"quantize --model {model_dir} is not an HF model folder (no config.json)")
-    cal = {**DEFAULT_CALIBRATION, **params.get("calibration", {})}
+    # the workflow passes the study seed as params.seed; calibration.seed wins if given
+    cal = {**DEFAULT_CALIBRATION, "seed": int(params.get("seed", 0)), **(params.get("calibration") or {})}
     start = time.time()
     with atomic_dir(out) as tmp:
         record = {

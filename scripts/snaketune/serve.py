@@ -450,7 +450,7 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
     def iterate(ids, stops, req):
         """Yield (delta_text, n_tokens, finish_reason or None)."""
         out: list[int] = []
-        sent = ""
+        sent = text = ""
         max_tokens = engine._gen_kwargs(req, len(ids))["max_new_tokens"]
         ignore_eos = bool(req.get("ignore_eos"))
         for new in engine.generate(ids, req):
@@ -468,7 +468,8 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
                 yield delta, len(out), "stop"
                 return
             yield delta, len(out), None
-        yield "", len(out), "length" if len(out) >= max_tokens else "stop"
+        # flush text held back while it ended in an incomplete UTF-8 sequence
+        yield text[len(sent):], len(out), "length" if len(out) >= max_tokens else "stop"
 
     def respond(req: dict, chat: bool):
         parsed, err = run_request(req, chat)
