@@ -13,7 +13,8 @@ def test_synthetic_is_deterministic_and_splits_are_disjoint(tmp_path):
     params = {"source": "synthetic", "max_operand": 20, "n_test": 30, "seed": 3}
     prepare(params, tmp_path / "a")
     prepare(params, tmp_path / "b")
-    for name in ("train", "test", "pretrain", "preference", "kto", "manifest"):
+    for name in ("train", "test", "pretrain", "pretrain_test", "preference", "preference_test", "kto", "kto_test",
+                 "manifest"):
         ext = "json" if name == "manifest" else "jsonl"
         assert (tmp_path / "a" / f"{name}.{ext}").read_bytes() == (tmp_path / "b" / f"{name}.{ext}").read_bytes()
     train = {r["messages"][0]["content"] for r in read_jsonl(tmp_path / "a/train.jsonl")}
@@ -79,7 +80,8 @@ def test_skip_bad_rows_counts_them(tmp_path):
     _write_bad_file(path)
     manifest = prepare({"source": "local", "path": str(path), "format": "messages", "skip_bad_rows": True,
                         "test_size": 1}, tmp_path / "out")
-    assert manifest["skipped_rows"] == 2 and manifest["rows"] == {"train": 1, "test": 1}
+    assert manifest["skipped_rows"] == 2 and manifest["rows"]["train"] == 1 and manifest["rows"]["test"] == 1
+    assert manifest["rows"]["pretrain"] == 0
 
 
 def test_csv_and_parquet_sources(tmp_path):
@@ -139,3 +141,32 @@ def test_modelscope_source_uses_msdataset(monkeypatch):
     with pytest.raises(SnaketuneError, match=r"AI-ModelScope/alpaca\[train\]:2: field 'output'"):
         build({"source": "modelscope", "repo": "AI-ModelScope/alpaca", "revision": "v1", "format": "alpaca"})
     assert seen == {"repo": "AI-ModelScope/alpaca", "split": "train", "version": "v1"}
+
+
+def test_text_preference_and_kto_formats(tmp_path):
+    rows = {
+        "text": [{"text": f"line {i}"} for i in range(10)],
+        "preference": [{"prompt": "q", "chosen": "good", "rejected": [{"role": "assistant", "content": "bad"}]}] * 10,
+        "kto": [{"prompt": [{"role": "user", "content": "q"}], "completion": "a", "label": i % 2 == 0} for i in range(10)],
+    }
+    target = {"text": "pretrain", "preference": "preference", "kto": "kto"}
+    for fmt, data in rows.items():
+        path = tmp_path / f"{fmt}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in data))
+        splits, _ = build({"source": "local", "path": str(path), "format": fmt, "test_size": 2})
+        assert len(splits[target[fmt]]) == 8 and len(splits[target[fmt] + "_test"]) == 2 and not splits["train"]
+    assert splits["kto"][0]["completion"] == [{"role": "assistant", "content": "a"}]
+
+
+@pytest.mark.parametrize("row, fmt, field", [
+    ({"text": 3}, "text", "text"),
+    ({"prompt": "q", "chosen": "a"}, "preference", "rejected"),
+    ({"prompt": "q", "chosen": [{"role": "bot", "content": "a"}], "rejected": "b"}, "preference", "chosen[0]"),
+    ({"prompt": "q", "completion": "a", "label": "yes"}, "kto", "label"),
+])
+def test_bad_text_preference_kto_rows(row, fmt, field):
+    from snaketune.data import to_row
+
+    with pytest.raises(RowError) as err:
+        to_row(row, fmt)
+    assert err.value.field == field

@@ -48,11 +48,6 @@ RECIPE = {"stage": "sft", "learning_rate": 5e-3, "batch_size": 16, "max_steps": 
           "logging_steps": 4, "save_steps": 4, "seed": 0}
 
 
-class NullRun:
-    def log_metrics(self, *a, **k):
-        pass
-
-
 @pytest.mark.parametrize("train_type", ["lora", "dora", "rslora", "full"])
 def test_training_writes_a_loadable_artifact(train_type, tiny_model, tiny_data, tmp_path):
     from peft import PeftModel
@@ -60,7 +55,7 @@ def test_training_writes_a_loadable_artifact(train_type, tiny_model, tiny_data, 
 
     out = tmp_path / "out"
     summary = train(str(tiny_model), [str(tiny_data)], {**RECIPE, "train_type": train_type}, str(out),
-                    str(tmp_path / "ckpt"), NullRun())
+                    str(tmp_path / "ckpt"))
     assert summary["steps"] == 12 and summary["final_loss"] < summary["first_loss"]
     assert json.loads((out / "training.json").read_text())["steps"] == 12
     if train_type == "full":
@@ -82,7 +77,7 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_same_adapter(tiny_model, t
 
     recipe = {**RECIPE, "train_type": "lora", "max_steps": 40, "save_steps": 5}
     ref = tmp_path / "ref"
-    train(str(tiny_model), [str(tiny_data)], recipe, str(ref), str(tmp_path / "ref.ckpt"), NullRun())
+    train(str(tiny_model), [str(tiny_data)], recipe, str(ref), str(tmp_path / "ref.ckpt"))
 
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -106,3 +101,86 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_same_adapter(tiny_model, t
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max().item() < 1e-5, key
+
+
+def test_system_prompt_is_prepended_only_where_missing(tokenizer):
+    plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    row = tokenize_sft(plain, tokenizer, 512, system="Be brief.")
+    assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    own = [{"role": "system", "content": "Mine."}, *plain]
+    assert "Be brief." not in tokenizer.decode(tokenize_sft(own, tokenizer, 512, system="Be brief.")["input_ids"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_on_a_bitsandbytes_base_and_merges_into_full_weights(bits, tiny_model, tiny_data, tmp_path, capsys):
+    from snaketune.merge import merge
+
+    recipe = {**RECIPE, "train_type": "qlora", "quantization": {"bits": bits}, "max_steps": 6, "logging_steps": 2}
+    summary = train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "adapter"), str(tmp_path / "ckpt"))
+    assert summary["base_quantization"]["bits"] == bits and summary["final_loss"] < summary["first_loss"]
+    record = merge(str(tiny_model), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    assert "not into the quantized weights" in capsys.readouterr().out
+    assert record["qlora_base"]["bits"] == bits and record["dtype"] == "float32"
+
+
+def test_freeze_trains_only_the_chosen_parts(tiny_model, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    recipe = {**RECIPE, "train_type": "freeze", "max_steps": 4,
+              "freeze": {"trainable_layers": 1, "trainable_modules": [r"^model\.norm\."]}}
+    summary = train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"))
+    before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "out/model.safetensors")
+    changed = {k for k in before if not (before[k] == after[k]).all()}
+    assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), changed
+    assert summary["trainable_params"] < summary["total_params"]
+    with pytest.raises(SnaketuneError, match="freeze leaves nothing to train"):
+        train(str(tiny_model), [str(tiny_data)], {**recipe, "freeze": {}}, str(tmp_path / "x"))
+
+
+def test_tokenized_data_is_cached_by_content(tiny_model, tiny_data, tmp_path, capsys):
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 1}
+    train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "a"), str(tmp_path / "ca"), cache_dir=str(tmp_path / "cache"))
+    assert "from cache" not in capsys.readouterr().out
+    train(str(tiny_model), [str(tiny_data)], {**recipe, "learning_rate": 1e-3}, str(tmp_path / "b"),
+          str(tmp_path / "cb"), cache_dir=str(tmp_path / "cache"))
+    assert "tokenized data from cache" in capsys.readouterr().out
+    train(str(tiny_model), [str(tiny_data)], {**recipe, "max_length": 20}, str(tmp_path / "c"),
+          str(tmp_path / "cc"), cache_dir=str(tmp_path / "cache"))
+    assert "from cache" not in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_distributed_strategies_map_to_trainer_arguments():
+    from snaketune.train import distributed_args
+
+    assert distributed_args({}, cuda=False)["ddp_backend"] == "gloo"
+    fsdp = distributed_args({"distributed": {"strategy": "fsdp"}, "gradient_checkpointing": True}, cuda=True)
+    assert fsdp["fsdp"] == "full_shard auto_wrap" and fsdp["fsdp_config"]["version"] == 2
+    assert fsdp["fsdp_config"]["activation_checkpointing"] is True
+    ds = distributed_args({"distributed": {"strategy": "deepspeed", "zero_stage": 3, "offload": True}}, cuda=True)
+    zero = ds["deepspeed"]["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
+    assert distributed_args({"distributed": {"strategy": "deepspeed", "zero_stage": 2}}, cuda=True)[
+        "deepspeed"]["zero_optimization"].get("offload_param") is None
+    with pytest.raises(SnaketuneError, match="use ddp, fsdp or deepspeed"):
+        distributed_args({"distributed": {"strategy": "horovod"}}, cuda=True)
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tiny_model, tiny_data, tmp_path):
+    """torchrun with 2 gloo processes x batch 8 gives the loss curve of 1 process x batch 16."""
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 8, "logging_steps": 1, "save_steps": 100}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    single = subprocess.run(_train_cmd(tiny_model, tiny_data, tmp_path / "one", tmp_path / "c1",
+                                       {**recipe, "batch_size": 16}), env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = _train_cmd(tiny_model, tiny_data, tmp_path / "two", tmp_path / "c2", {**recipe, "batch_size": 8})
+    double = subprocess.run(torchrun + cmd[1:], env=env, capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, (double.stdout + double.stderr)[-3000:]
+    one = json.loads((tmp_path / "one/training.json").read_text())
+    two = json.loads((tmp_path / "two/training.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    curve = lambda s: [h["loss"] for h in s["log_history"] if "loss" in h]  # noqa: E731
+    assert len(curve(one)) == len(curve(two)) == 8
+    for a, b in zip(curve(one), curve(two)):
+        assert abs(a - b) < 2e-3 * max(1.0, abs(a)), (curve(one), curve(two))

@@ -2,13 +2,16 @@
 
 Sources: ``synthetic`` (an arithmetic task generated deterministically from a seed), ``local``
 (JSONL/JSON/Parquet/CSV files), ``hf`` (a Hugging Face dataset id + revision, or a local dataset
-folder, through ``datasets.load_dataset``) and ``modelscope`` (``MsDataset.load``), in the
-``messages``, ``alpaca`` or ``sharegpt`` formats. Every row is validated; a bad row is reported as
+folder, through ``datasets.load_dataset``) and ``modelscope`` (``MsDataset.load``). Every row
+is validated; a bad row is reported as
 ``file:line: field: expected ..., found ...`` (``repo[split]:row`` for hub datasets).
 
-Output folder: ``train.jsonl`` and ``test.jsonl`` (``{"messages": [...]}``), ``pretrain.jsonl``
-(``{"text": ...}``), ``preference.jsonl`` (prompt/chosen/rejected), ``kto.jsonl``
-(prompt/completion/label) and ``manifest.json`` (row counts, hashes, skipped rows).
+Formats: ``messages``, ``alpaca``, ``sharegpt`` (chat), ``text`` (raw text for pre-training),
+``preference`` (prompt + chosen + rejected, each a string or a message list) and ``kto``
+(prompt + completion + boolean label). Output folder, each with a held-out twin ``*_test``:
+``train.jsonl``/``test.jsonl`` (``{"messages": [...]}``), ``pretrain.jsonl`` (``{"text": ...}``),
+``preference.jsonl`` and ``kto.jsonl`` in trl's conversational form, plus ``manifest.json`` (row
+counts, hashes, skipped rows). Files a format does not fill are empty.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 
 ROLES = ("system", "user", "assistant", "tool")
+CHAT_FORMATS = ("messages", "alpaca", "sharegpt")
+FORMATS = (*CHAT_FORMATS, "text", "preference", "kto")
+# format kind -> (training split file, held-out split file)
+SPLITS = {"chat": ("train", "test"), "text": ("pretrain", "pretrain_test"),
+          "preference": ("preference", "preference_test"), "kto": ("kto", "kto_test")}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "tool": "tool", "function_call": "assistant",
                   "observation": "tool"}
@@ -97,7 +105,40 @@ def to_messages(row, fmt: str) -> list[dict]:
             msgs.append({"role": SHAREGPT_ROLES[turn["from"]],
                          "content": _str_field(turn, "value", f"conversations[{i}].")})
         return check_messages(msgs, "conversations")
-    raise SnaketuneError(f"unknown dataset format {fmt!r}: use messages, alpaca or sharegpt")
+    raise SnaketuneError(f"unknown dataset format {fmt!r}: use {', '.join(FORMATS)}")
+
+
+def _turns(row: dict, key: str, role: str) -> list[dict]:
+    """A prompt/answer field given as a string or as a message list, as a validated message list."""
+    value = row.get(key)
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise RowError(key, "a string or a non-empty list of {role, content} objects",
+                       value if key in row else "nothing (missing)")
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
+            raise RowError(f"{key}[{i}]", "an object with role (one of " + "/".join(ROLES) + ") and string content", msg)
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def to_row(row, fmt: str) -> dict:
+    """Validate one row of format ``fmt`` and return it in the normalised form of its kind."""
+    if fmt in CHAT_FORMATS:
+        return {"messages": to_messages(row, fmt)}
+    if not isinstance(row, dict):
+        raise RowError("<row>", "a JSON object", row)
+    if fmt == "text":
+        return {"text": _str_field(row, "text")}
+    if fmt == "preference":
+        return {"prompt": _turns(row, "prompt", "user"), "chosen": _turns(row, "chosen", "assistant"),
+                "rejected": _turns(row, "rejected", "assistant")}
+    if fmt == "kto":
+        if not isinstance(row.get("label"), bool):
+            raise RowError("label", "true (desirable) or false (undesirable)", row.get("label", "nothing (missing)"))
+        return {"prompt": _turns(row, "prompt", "user"), "completion": _turns(row, "completion", "assistant"),
+                "label": row["label"]}
+    raise SnaketuneError(f"unknown dataset format {fmt!r}: use {', '.join(FORMATS)}")
 
 
 def read_rows(path: Path):
@@ -156,7 +197,7 @@ def validate_rows(numbered_rows, where: str, fmt: str, skip_bad_rows: bool) -> t
         try:
             if isinstance(row, RowError):
                 raise row
-            rows.append({"messages": to_messages(row, fmt)})
+            rows.append(to_row(row, fmt))
         except RowError as err:
             problems.append(f"{where}:{n}: {err}")
     if problems and not skip_bad_rows:
@@ -196,17 +237,18 @@ def addition_task(params: dict) -> dict[str, list[dict]]:
         "train": [{"messages": chat(a, b, a + b)} for a, b in train],
         "test": [{"messages": chat(a, b, a + b)} for a, b in test],
         "pretrain": [{"text": f"What is {a}+{b}? {a + b}"} for a, b in train],
-        "preference": [],
-        "kto": [],
     }
-    for a, b in train:
-        prompt = chat(a, b, 0)[:1]
-        bad = wrong(a, b)
-        out["preference"].append({"prompt": prompt, "chosen": [{"role": "assistant", "content": str(a + b)}],
-                                  "rejected": [{"role": "assistant", "content": str(bad)}]})
-        good = rng.random() < 0.5
-        out["kto"].append({"prompt": prompt, "completion": [
-            {"role": "assistant", "content": str(a + b if good else bad)}], "label": good})
+    for suffix, pairs_ in (("", train), ("_test", test)):
+        out[f"preference{suffix}"], out[f"kto{suffix}"] = [], []
+        for a, b in pairs_:
+            prompt = chat(a, b, 0)[:1]
+            bad = wrong(a, b)
+            out[f"preference{suffix}"].append({"prompt": prompt, "chosen": [{"role": "assistant", "content": str(a + b)}],
+                                               "rejected": [{"role": "assistant", "content": str(bad)}]})
+            good = rng.random() < 0.5
+            out[f"kto{suffix}"].append({"prompt": prompt, "completion": [
+                {"role": "assistant", "content": str(a + b if good else bad)}], "label": good})
+    out["pretrain_test"] = [{"text": f"What is {a}+{b}? {a + b}"} for a, b in test]
     return out
 
 
@@ -243,7 +285,10 @@ def build(params: dict) -> tuple[dict[str, list[dict]], list[str]]:
         train, test = split(rows, params.get("test_size", 0.05), seed)
     if params.get("samples"):
         train = train[: params["samples"]]
-    return {"train": train, "test": test}, problems
+    kind = "chat" if fmt in CHAT_FORMATS else fmt
+    out = {name: [] for pair in SPLITS.values() for name in pair}
+    out.update(dict(zip(SPLITS[kind], (train, test))))
+    return out, problems
 
 
 def _dump(rows: list[dict], path: Path) -> str:

@@ -28,7 +28,12 @@ def merge(base: str, adapter: str, out: str) -> dict:
                              "merge applies to LoRA-family recipes only; full fine-tunes are already models")
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
+    training = Path(adapter) / "training.json"
+    quantized = json.loads(training.read_text()).get("base_quantization") if training.is_file() else None
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    if quantized:
+        print(f"QLoRA adapter (trained on a {quantized.get('bits', 4)}-bit base): merging into the unquantized "
+              f"{str(model.dtype).replace('torch.', '')} base weights, not into the quantized weights", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     peft_model = PeftModel.from_pretrained(model, adapter)
     peft_model.eval()
@@ -39,7 +44,7 @@ def merge(base: str, adapter: str, out: str) -> dict:
         merged = peft_model.merge_and_unload()
         after = [merged(**e).logits for e in enc]
     diff = max((a - b).abs().max().item() for a, b in zip(after, before))
-    record = {"base": str(base), "adapter": str(adapter), "max_logit_diff": diff,
+    record = {"base": str(base), "adapter": str(adapter), "max_logit_diff": diff, "qlora_base": quantized,
               "dtype": str(merged.dtype).replace("torch.", "")}
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)

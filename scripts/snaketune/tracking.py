@@ -69,6 +69,24 @@ class StepRun:
             self._mlflow.log_artifact(str(path), artifact_path)
 
 
+class NullRun:
+    """Stands in for a run where nothing is logged (non-zero ranks of a multi-process job)."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        pass
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def set_tags(self, tags: dict) -> None:
+        pass
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        pass
+
+
 def _setup(mlflow, uri: str, experiment: str) -> None:
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
@@ -87,8 +105,12 @@ def _setup(mlflow, uri: str, experiment: str) -> None:
 def step_run(step: str, params: dict, run_name: str | None = None):
     """Open an MLflow run for ``step`` with its resolved ``params``; yield a StepRun.
 
-    The run ends FAILED if the block raises, FINISHED otherwise. Duration is logged.
+    The run ends FAILED if the block raises, FINISHED otherwise. Duration is logged. In a
+    multi-process job (torchrun) only rank 0 logs; other ranks get a NullRun.
     """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield NullRun()
+        return
     for name in ("alembic", "mlflow", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     import mlflow

@@ -1,9 +1,11 @@
 """Step `train`: pre-training (``pt``) or supervised fine-tuning (``sft``) of a causal LM.
 
 Reads top to bottom: load the base model and tokenizer, tokenize the dataset (``sft``: loss on
-assistant turns only; ``pt``: loss on every token), wrap the model for the recipe's
-``train_type`` (``full`` or a LoRA variant through peft), train with ``transformers.Trainer``
-and save an HF model folder (full) or a PEFT adapter folder (LoRA family) atomically.
+assistant turns only; ``pt``: loss on every token; cached by content hash), wrap the model for
+the recipe's ``train_type`` (``full``, ``freeze`` = full on chosen modules/last layers, or a LoRA
+variant through peft, ``qlora`` on a bitsandbytes 4/8-bit base), train with
+``transformers.Trainer`` (DDP, FSDP2 or DeepSpeed ZeRO when launched on several processes) and
+save an HF model folder (full/freeze) or a PEFT adapter folder (LoRA family) atomically.
 
 Checkpoints go to ``--checkpoints``; a rerun resumes from the newest complete one. SIGTERM or
 SIGUSR1 (what Slurm sends before preemption or the time limit) saves a checkpoint and exits with
@@ -13,9 +15,12 @@ code 75 so the scheduler can requeue the job.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -24,7 +29,8 @@ from pathlib import Path
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 
-LORA_TYPES = ("lora", "dora", "rslora", "pissa", "olora")
+LORA_TYPES = ("lora", "qlora", "dora", "rslora", "pissa", "olora")
+FULL_TYPES = ("full", "freeze")
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpoint written, rerun to resume
 
 
@@ -33,12 +39,15 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def tokenize_sft(messages: list[dict], tokenizer, max_length: int) -> dict:
+def tokenize_sft(messages: list[dict], tokenizer, max_length: int, system: str | None = None) -> dict:
     """Tokenize one conversation with the chat template; labels only on assistant turns.
 
     Every assistant turn (content and end-of-turn marker) is supervised; system, user and tool
-    turns and the template's role headers are masked with -100.
+    turns and the template's role headers are masked with -100. ``system`` is prepended as the
+    system prompt to conversations that have none.
     """
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, msg in enumerate(messages):
@@ -62,15 +71,18 @@ def tokenize_pt(text: str, tokenizer, max_length: int) -> dict:
     return {"input_ids": ids[:max_length], "labels": ids[:max_length], "truncated": len(ids) > max_length}
 
 
-def tokenize_dataset(data_dirs: list[Path], stage: str, tokenizer, max_length: int, policy: str):
+def tokenize_dataset(data_dirs: list[Path], stage: str, tokenizer, max_length: int, policy: str,
+                     system: str | None = None):
     """Tokenize the stage's split of every dataset folder (a mix is concatenated; the trainer
     shuffles with the seed); apply the ``truncate``/``drop`` policy; returns (rows, stats)."""
+    split = "pretrain" if stage == "pt" else "train"
     rows = []
     for data_dir in map(Path, data_dirs):
-        if stage == "pt":
-            rows += [tokenize_pt(r["text"], tokenizer, max_length) for r in read_jsonl(data_dir / "pretrain.jsonl")]
-        else:
-            rows += [tokenize_sft(r["messages"], tokenizer, max_length) for r in read_jsonl(data_dir / "train.jsonl")]
+        for r in read_jsonl(data_dir / f"{split}.jsonl"):
+            if stage == "pt":
+                rows.append(tokenize_pt(r["text"], tokenizer, max_length))
+            else:
+                rows.append(tokenize_sft(r["messages"], tokenizer, max_length, system))
     cut = [r.pop("truncated") for r in rows]
     if policy == "drop":
         kept = [r for r, c in zip(rows, cut) if not c]
@@ -84,9 +96,48 @@ def tokenize_dataset(data_dirs: list[Path], stage: str, tokenizer, max_length: i
     stats = {"samples": len(rows), "truncated": sum(cut), "dropped": len(rows) - len(kept),
              "tokens": sum(len(r["input_ids"]) for r in kept)}
     if not kept:
-        raise SnaketuneError(f"no trainable samples in {', '.join(map(str, data_dirs))} for stage {stage!r}: "
-                             "check max_length and that rows have assistant turns")
+        raise SnaketuneError(f"no trainable samples in {split}.jsonl of {', '.join(map(str, data_dirs))} for "
+                             f"stage {stage!r}: check max_length, that rows have assistant turns, and that "
+                             "pt datasets have text rows (format: text)")
     return kept, stats
+
+
+def cache_key(data_dirs: list[Path], stage: str, base: str, tokenizer, recipe: dict) -> str:
+    """Content hash of everything tokenization depends on: data, tokenizer, template, length policy."""
+    from snaketune.model import sha256_file
+
+    split = "pretrain" if stage == "pt" else "train"
+    parts = {
+        "data": [sha256_file(Path(d) / f"{split}.jsonl") for d in data_dirs],
+        "tokenizer": {f.name: sha256_file(f) for f in sorted(Path(base).glob("tokenizer*"))},
+        "template": tokenizer.chat_template,
+        "stage": stage,
+        "max_length": recipe.get("max_length", 2048),
+        "truncation": recipe.get("truncation", "truncate"),
+        "system": recipe.get("system"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def tokenized(data_dirs: list[str], stage: str, base: str, tokenizer, recipe: dict, cache_dir: str | None):
+    """Tokenized rows and stats, from ``cache_dir/<content hash>`` when an earlier run made them."""
+    from datasets import Dataset, load_from_disk
+
+    args = ([Path(d) for d in data_dirs], stage, tokenizer, recipe.get("max_length", 2048),
+            recipe.get("truncation", "truncate"), recipe.get("system"))
+    if not cache_dir:
+        rows, stats = tokenize_dataset(*args)
+        return Dataset.from_list(rows), stats
+    folder = Path(cache_dir) / cache_key(args[0], stage, base, tokenizer, recipe)
+    if (folder / "stats.json").is_file():
+        print(f"tokenized data from cache {folder}", flush=True)
+        return load_from_disk(str(folder / "rows")), json.loads((folder / "stats.json").read_text())
+    rows, stats = tokenize_dataset(*args)
+    dataset = Dataset.from_list(rows)
+    with atomic_dir(folder) as tmp:
+        dataset.save_to_disk(str(tmp / "rows"))
+        write_json(tmp / "stats.json", stats)
+    return load_from_disk(str(folder / "rows")), stats
 
 
 def pick_dtype(recipe: dict, cuda: bool):
@@ -98,13 +149,59 @@ def pick_dtype(recipe: dict, cuda: bool):
     return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def load_model(base: str, recipe: dict, dtype, cuda: bool):
+    """Load the base model: in ``dtype``, or 4/8-bit through bitsandbytes for ``qlora``."""
+    from transformers import AutoModelForCausalLM
+
+    if recipe.get("train_type") != "qlora":
+        return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.get("quantization", {})
+    bits = q.get("bits", 4)
+    config = BitsAndBytesConfig(
+        load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type=q.get("quant_type", "nf4"),
+        bnb_4bit_use_double_quant=q.get("double_quant", True), bnb_4bit_compute_dtype=dtype)
+    device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if cuda else None
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=config, device_map=device_map)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.get("gradient_checkpointing", False))
+
+
+def decoder_layers(model):
+    """The list of transformer blocks of an HF causal LM."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise SnaketuneError(f"cannot find the decoder layers of {type(model).__name__} for freeze.trainable_layers")
+    return layers
+
+
+def freeze(model, spec: dict):
+    """Train only the last ``trainable_layers`` blocks and the modules matching ``trainable_modules``."""
+    patterns = [re.compile(p) for p in spec.get("trainable_modules", [])]
+    for name, param in model.named_parameters():
+        param.requires_grad = any(p.search(name) for p in patterns)
+    n = spec.get("trainable_layers", 0)
+    layers = decoder_layers(model)
+    for layer in list(layers)[len(layers) - n:] if n else []:
+        for param in layer.parameters():
+            param.requires_grad = True
+    if not any(p.requires_grad for p in model.parameters()):
+        raise SnaketuneError("freeze leaves nothing to train: set freeze.trainable_layers (the last N blocks) "
+                             "or freeze.trainable_modules (regexes over parameter names, e.g. 'mlp', 'lm_head')")
+    return model
+
+
 def wrap_model(model, recipe: dict):
-    """Apply the recipe's train_type: full fine-tuning, or a peft LoRA variant."""
+    """Apply the recipe's train_type: full, freeze, or a peft LoRA variant."""
     train_type = recipe.get("train_type", "lora")
     if train_type == "full":
         return model
+    if train_type == "freeze":
+        return freeze(model, recipe.get("freeze", {}))
     if train_type not in LORA_TYPES:
-        raise SnaketuneError(f"unknown train_type {train_type!r}: use full or one of {', '.join(LORA_TYPES)}")
+        raise SnaketuneError(f"unknown train_type {train_type!r}: use one of {', '.join(FULL_TYPES + LORA_TYPES)}")
     from peft import LoraConfig, get_peft_model
 
     lora = recipe.get("lora", {})
@@ -120,6 +217,32 @@ def wrap_model(model, recipe: dict):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def distributed_args(recipe: dict, cuda: bool) -> dict:
+    """TrainingArguments for the recipe's multi-process strategy: ddp, fsdp (FSDP2) or deepspeed."""
+    dist = recipe.get("distributed", {})
+    strategy = dist.get("strategy", "ddp")
+    args = {"ddp_backend": "nccl" if cuda else "gloo", "ddp_find_unused_parameters": False}
+    if strategy == "fsdp":
+        args["fsdp"] = "full_shard auto_wrap" + (" offload" if dist.get("offload") else "")
+        args["fsdp_config"] = {"version": 2, "reshard_after_forward": True,
+                               "activation_checkpointing": bool(recipe.get("gradient_checkpointing")),
+                               "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}
+    elif strategy == "deepspeed":
+        stage = dist.get("zero_stage", 3)
+        zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                "stage3_gather_16bit_weights_on_model_save": True}
+        if dist.get("offload"):
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+            if stage == 3:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        args["deepspeed"] = {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+                             "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    elif strategy != "ddp":
+        raise SnaketuneError(f"unknown distributed.strategy {strategy!r}: use ddp, fsdp or deepspeed")
+    return args
 
 
 class Preempted:
@@ -179,34 +302,39 @@ def latest_checkpoint(folder: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
 
 
-def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str | None = None, run=None) -> dict:
+def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str | None = None, run=None,
+          cache_dir: str | None = None) -> dict:
     """Train ``base`` on ``data`` with ``recipe``; write the adapter/model folder ``out``.
 
-    Returns the summary written to ``out/training.json``.
+    Returns the summary written to ``out/training.json``. Under torchrun every rank calls this;
+    rank 0 writes the output.
     """
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments)
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from snaketune.tracking import NullRun
 
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(recipe.get("threads", 1))
     dtype_name, dtype = pick_dtype(recipe, cuda)
     stage = recipe.get("stage", "sft")
+    train_type = recipe.get("train_type", "lora")
     seed = recipe.get("seed", 0)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     checkpoints = Path(checkpoints or Path(out).with_name(Path(out).name + ".checkpoints"))
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows, data_stats = tokenize_dataset(data, stage, tokenizer, recipe.get("max_length", 2048),
-                                        recipe.get("truncation", "truncate"))
+    dataset, data_stats = tokenized(data, stage, base, tokenizer, recipe, cache_dir)
     print(f"data: {data_stats['samples']} samples, {data_stats['tokens']:,} tokens, "
           f"{data_stats['truncated']} truncated, {data_stats['dropped']} dropped", flush=True)
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    if recipe.get("gradient_checkpointing"):
+    model = load_model(base, recipe, dtype, cuda)
+    if recipe.get("gradient_checkpointing") and train_type != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = wrap_model(model, recipe)
@@ -215,9 +343,8 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
 
     batch = recipe.get("batch_size", 8)
     accum = recipe.get("gradient_accumulation_steps", 1)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = math.ceil(len(rows) / (batch * accum * world))
-    total_steps = recipe.get("max_steps") or steps_per_epoch * recipe.get("epochs", 1)
+    steps_per_epoch = math.ceil(len(dataset) / (batch * accum * world))
+    total_steps = recipe.get("max_steps") or math.ceil(steps_per_epoch * recipe.get("epochs", 1))
     args = TrainingArguments(
         output_dir=str(checkpoints),
         max_steps=total_steps,
@@ -244,25 +371,22 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        **(distributed_args(recipe, cuda) if world > 1 else {}),
     )
-    from datasets import Dataset
-
     preempted = Preempted()
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=dataset,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[make_callback(run, preempted, total_steps)],
+        callbacks=[make_callback(run or NullRun(), preempted, total_steps)],
     )
-    from transformers.trainer_callback import PrinterCallback
-
     trainer.remove_callback(PrinterCallback)  # the progress callback prints instead
     resume = latest_checkpoint(checkpoints)
     if resume:
         print(f"resuming from {resume}", flush=True)
-    print(f"training {stage}/{recipe.get('train_type', 'lora')}: {trainable:,} of {total:,} parameters "
-          f"trainable, {total_steps} steps, batch {batch}x{accum}x{world}, {dtype_name}", flush=True)
+    print(f"training {stage}/{train_type}: {trainable:,} of {total:,} parameters trainable, {total_steps} steps, "
+          f"batch {batch}x{accum}x{world}, {dtype_name}", flush=True)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     if preempted.signal:
@@ -271,29 +395,47 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         sys.exit(EXIT_REQUEUE)
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    seconds = time.time() - t0
     summary = {
         "stage": stage,
-        "train_type": recipe.get("train_type", "lora"),
+        "train_type": train_type,
         "steps": trainer.state.global_step,
         "resumed_from": resume,
         "train_loss": result.training_loss,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "tokens": trainer.state.num_input_tokens_seen,
-        "seconds": time.time() - t0,
-        "tokens_per_s": trainer.state.num_input_tokens_seen / max(time.time() - t0, 1e-9),
+        "seconds": seconds,
+        "tokens_per_s": trainer.state.num_input_tokens_seen / max(seconds, 1e-9),
         "trainable_params": trainable,
         "total_params": total,
         "dtype": dtype_name,
+        "world_size": world,
+        "base_quantization": recipe.get("quantization", {"bits": 4, "quant_type": "nf4"})
+        if train_type == "qlora" else None,
         "data": data_stats,
         "log_history": trainer.state.log_history,
     }
-    if trainer.is_world_process_zero():
-        with atomic_dir(out) as tmp:
-            trainer.model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_json(Path(tmp) / "training.json", summary)
+    save(trainer, tokenizer, summary, Path(out))
     return summary
+
+
+def save(trainer, tokenizer, summary: dict, out: Path) -> None:
+    """Save through the trainer (it gathers FSDP/ZeRO-3 shards) into a temporary sibling that rank 0
+    completes and renames into place."""
+    partial = out.with_name(f".{out.name}.partial")
+    if trainer.is_world_process_zero() and partial.exists():
+        shutil.rmtree(partial)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(partial))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(partial)
+        (partial / "training_args.bin").unlink(missing_ok=True)
+        write_json(partial / "training.json", summary)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(partial, out)
+    trainer.accelerator.wait_for_everyone()
 
 
 @cli
@@ -304,12 +446,13 @@ def main(argv=None):
     ap.add_argument("--params", required=True, help="JSON: the recipes.<name> block of the config")
     ap.add_argument("--out", required=True, help="output adapter (LoRA family) or model (full) folder")
     ap.add_argument("--checkpoints", help="checkpoint folder (default: <out>.checkpoints)")
+    ap.add_argument("--cache-dir", help="tokenized-data cache folder (default: no cache)")
     args = ap.parse_args(argv)
     recipe = json.loads(args.params)
     from snaketune.tracking import step_run
 
     with step_run("train", recipe) as run:
-        s = train(args.base, args.data, recipe, args.out, args.checkpoints, run)
+        s = train(args.base, args.data, recipe, args.out, args.checkpoints, run, args.cache_dir)
         run.log_metrics({k: s[k] for k in ("train_loss", "tokens_per_s", "seconds", "steps", "trainable_params")})
         run.log_artifact(Path(args.out) / "training.json")
     print(f"trained {s['stage']}/{s['train_type']}: {s['steps']} steps in {s['seconds']:.0f} s, "

@@ -37,7 +37,8 @@ except WorkflowError:
     ) from None
 
 RESULTS = "results"
-LORA_TYPES = ("lora", "dora", "rslora", "pissa", "olora")
+LORA_TYPES = ("lora", "qlora", "dora", "rslora", "pissa", "olora")
+CACHE = f"{RESULTS}/cache/tokenized"
 
 
 def _git_commit():
@@ -163,7 +164,10 @@ def job_label(rule):
     return lambda wc: f"{rule}[{','.join(f'{k}={v}' for k, v in wc.items())}]"
 
 
-RESOURCE_DEFAULTS = {"gpu": {"gpu": 1, "mem_mb": 16000, "runtime": 120}, "cpu": {"gpu": 0, "mem_mb": 4000, "runtime": 60}}
+RESOURCE_DEFAULTS = {
+    "gpu": {"gpu": 1, "nodes": 1, "mem_mb": 16000, "runtime": 120},
+    "cpu": {"gpu": 0, "mem_mb": 4000, "runtime": 60},
+}
 
 
 def _optional_keys():
@@ -171,7 +175,7 @@ def _optional_keys():
     blocks = [config["resources"].get(k, {}) for k in ("gpu", "cpu")]
     for section in ("models", "recipes", "quantize", "benches"):
         blocks += [b.get("resources", {}) for b in config.get(section, {}).values()]
-    return sorted({k for b in blocks for k in b} - {"gpu", "mem_mb", "runtime", "threads"})
+    return sorted({k for b in blocks for k in b} - {"gpu", "nodes", "mem_mb", "runtime", "threads"})
 
 
 def job_resources(kind, section=None, wildcard=None):
@@ -185,9 +189,11 @@ def job_resources(kind, section=None, wildcard=None):
         merged = {**RESOURCE_DEFAULTS[kind], **config["resources"].get(kind, {})}
         if section:
             merged.update(config[section][wildcards[wildcard]].get("resources", {}))
+        if not merged["gpu"]:
+            merged.pop("gpu_model", None)  # the Slurm plugin would ask for --gpus=<model>:0
         return merged
 
-    keys = ["gpu", "mem_mb", "runtime", *_optional_keys()]
+    keys = [*RESOURCE_DEFAULTS[kind], *_optional_keys()]
     return {key: (lambda wildcards, key=key: resolve(wildcards).get(key, "")) for key in keys}
 
 

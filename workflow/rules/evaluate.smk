@@ -18,6 +18,7 @@ rule evaluate:
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_JOB={params.job:q} python -m snaketune.evaluate"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu}"
+        " -- python -m snaketune.evaluate"
         " --model {input.model} --data {input.data} --params {params.spec:q}"
         " --variant {wildcards.variant} --out {output} > {log} 2>&1"

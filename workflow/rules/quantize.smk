@@ -16,5 +16,6 @@ rule quantize:
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_JOB={params.job:q} python -m snaketune.quantize"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu}"
+        " -- python -m snaketune.quantize"
         " --model {input.model} --data {input.data} --params {params.spec:q} --out {output} > {log} 2>&1"

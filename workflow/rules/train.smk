@@ -13,6 +13,7 @@ rule train_full:
         job=job_label("train_full"),
         spec=lambda wc: params_json(with_seed(config["recipes"][wc.recipe])),
         checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
+        cache=CACHE,
     threads: 1
     resources:
         **job_resources("gpu", "recipes", "recipe"),
@@ -23,9 +24,9 @@ rule train_full:
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_JOB={params.job:q} python -m snaketune.train"
-        " --base {input.base} --data {input.data} --params {params.spec:q}"
-        " --out {output} --checkpoints {params.checkpoints} > {log} 2>&1"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu} --nodes {resources.nodes}"
+        " -- python -m snaketune.train --base {input.base} --data {input.data} --params {params.spec:q}"
+        " --out {output} --checkpoints {params.checkpoints} --cache-dir {params.cache} > {log} 2>&1"
 
 
 rule train_adapter:
@@ -39,6 +40,7 @@ rule train_adapter:
         job=job_label("train_adapter"),
         spec=lambda wc: params_json(with_seed(config["recipes"][wc.recipe])),
         checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
+        cache=CACHE,
     threads: 1
     resources:
         **job_resources("gpu", "recipes", "recipe"),
@@ -49,6 +51,6 @@ rule train_adapter:
     conda:
         "../../envs/snaketune.yaml"
     shell:
-        "SNAKETUNE_JOB={params.job:q} python -m snaketune.train"
-        " --base {input.base} --data {input.data} --params {params.spec:q}"
-        " --out {output} --checkpoints {params.checkpoints} > {log} 2>&1"
+        "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu} --nodes {resources.nodes}"
+        " -- python -m snaketune.train --base {input.base} --data {input.data} --params {params.spec:q}"
+        " --out {output} --checkpoints {params.checkpoints} --cache-dir {params.cache} > {log} 2>&1"
