@@ -184,3 +184,14 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     assert len(curve(one)) == len(curve(two)) == 8
     for a, b in zip(curve(one), curve(two)):
         assert abs(a - b) < 2e-3 * max(1.0, abs(a)), (curve(one), curve(two))
+
+
+def test_packing_and_fused_ce_train_through_the_trainer(tiny_model, tiny_data, tmp_path):
+    """The GPU speed options also run on CPU: same recipe keys, padding-free batches, chunked CE."""
+    recipe = {**RECIPE, "train_type": "lora", "packing": True, "fused_ce": True, "gradient_checkpointing": True}
+    summary = train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"))
+    assert summary["speedups"] == {"fused_ce": True, "fast_lora": False, "packing": True, "compile": False}
+    assert summary["final_loss"] < summary["first_loss"]
+    plain = train(str(tiny_model), [str(tiny_data)], {**RECIPE, "train_type": "lora"}, str(tmp_path / "plain"),
+                  str(tmp_path / "ckpt2"))
+    assert abs(summary["first_loss"] - plain["first_loss"]) < 0.05 * plain["first_loss"]

@@ -1,10 +1,7 @@
-"""The whole default workflow, run by Snakemake in a temporary directory.
-
-A shortened copy of config.yaml (fewer training steps) keeps it to a few minutes on 2 cores; the
-chain, the rules and the step code are the default study's.
-"""
+"""The whole default workflow (config.yaml as it is), run by Snakemake in a temporary directory."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,20 +16,11 @@ pytestmark = pytest.mark.slow
 MODEL = "tiny-qwen2"
 
 
-def shortened_config():
-    config = yaml.safe_load((ROOT / "config.yaml").read_text())
-    config["recipes"]["pt"]["epochs"] = 20
-    config["recipes"]["sft-lora"]["max_steps"] = 400
-    return config
-
-
 def snakemake(workdir, *args, timeout=1200):
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow/Snakefile"),
            "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                            env={**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}:"
-                                 + __import__("os").environ["PATH"]})
-    return result
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def jobs_run(result):
@@ -43,7 +31,7 @@ def jobs_run(result):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     work = tmp_path_factory.mktemp("study")
-    (work / "config.yaml").write_text(yaml.safe_dump(shortened_config()))
+    (work / "config.yaml").write_text((ROOT / "config.yaml").read_text())
     result = snakemake(work)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     return work, result
@@ -84,7 +72,7 @@ def test_sft_learns_what_base_cannot(study):
     work, _ = study
     base, pt, sft = score(work, "base"), score(work, "pt"), score(work, "sft-lora")
     assert base <= 0.02 and pt <= 0.05, (base, pt)
-    assert sft >= 0.3, sft
+    assert sft >= 0.5, sft
     record = json.loads((work / f"results/{MODEL}/sft-lora/eval/arith.json").read_text())
     assert record["n"] == 200 and record["metric"] == "exact_match" and len(record["model_sha256"]) == 64
     assert record["model_path"].endswith("sft-lora/model")
@@ -125,7 +113,7 @@ def test_second_run_does_nothing(study):
 def test_changing_one_recipe_reruns_only_its_dependants(study):
     work, _ = study
     config = yaml.safe_load((work / "config.yaml").read_text())
-    config["recipes"]["sft-lora"]["learning_rate"] = 1.5e-3
+    config["recipes"]["sft-lora"]["max_steps"] = 100
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     untouched = work / f"results/{MODEL}/pt/eval/arith.json"
     before = untouched.stat().st_mtime_ns

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from snaketune import kernels
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 
@@ -338,6 +339,9 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = wrap_model(model, recipe)
+    speedups = kernels.resolve_options(recipe, cuda)
+    if any(speedups.get(k) for k in kernels.OPTION_KEYS):
+        model = kernels.apply_speedups(model, speedups)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
@@ -378,15 +382,17 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=kernels.PackedCollator(tokenizer.pad_token_id) if speedups.get("packing")
+        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[make_callback(run or NullRun(), preempted, total_steps)],
     )
     trainer.remove_callback(PrinterCallback)  # the progress callback prints instead
     resume = latest_checkpoint(checkpoints)
     if resume:
         print(f"resuming from {resume}", flush=True)
+    on = ", ".join(k for k in kernels.OPTION_KEYS if speedups.get(k)) or "none"
     print(f"training {stage}/{train_type}: {trainable:,} of {total:,} parameters trainable, {total_steps} steps, "
-          f"batch {batch}x{accum}x{world}, {dtype_name}", flush=True)
+          f"batch {batch}x{accum}x{world}, {dtype_name}, speed-ups: {on}", flush=True)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     if preempted.signal:
@@ -411,6 +417,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "total_params": total,
         "dtype": dtype_name,
         "world_size": world,
+        "speedups": {k: speedups.get(k) for k in kernels.OPTION_KEYS},
         "base_quantization": recipe.get("quantization", {"bits": 4, "quant_type": "nf4"})
         if train_type == "qlora" else None,
         "data": data_stats,
