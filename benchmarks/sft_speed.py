@@ -41,6 +41,7 @@ FULL = {"train_type": "full"}
 FAST = {"fused_ce": True, "fast_lora": True, "packing": True}
 
 # name: (size, train, mode, batch, baseline gc, snaketune recipe or None for a baseline row)
+C4K = {"compile": True, "ce_chunk_tokens": 4096}  # larger CE chunks where memory allows
 PLAN = [
     ("base-7b-lora-4", "7b", "lora", "pack", 4, True, None),
     ("st-7b-lora-4", "7b", "lora", "pack", 4, False, {**LORA, **FAST, "compile": True}),
@@ -48,23 +49,20 @@ PLAN = [
     ("base-7b-lora-1-gc", "7b", "lora", "pack", 1, True, None),
     ("st-7b-lora-1-gc", "7b", "lora", "pack", 1, True, {**LORA, **FAST, "gradient_checkpointing": True}),
     ("base-1.5b-full-4", "1.5b", "full", "pack", 4, False, None),
-    ("st-1.5b-full-4", "1.5b", "full", "pack", 4, False, {**FULL, **FAST, "compile": True}),
+    ("st-1.5b-full-4", "1.5b", "full", "pack", 4, False, {**FULL, **FAST, **C4K}),
     ("st-1.5b-full-4-liger", "1.5b", "full", "pack", 4, False, {**FULL, **FAST, "compile": True, "ce_impl": "liger"}),
-    ("st-1.5b-full-8", "1.5b", "full", "pack", 8, False, {**FULL, **FAST, "compile": True}),
-    ("st-1.5b-full-8-c4096", "1.5b", "full", "pack", 8, False,
-     {**FULL, **FAST, "compile": True, "ce_chunk_tokens": 4096}),
-    ("st-1.5b-full-8-vr", "1.5b", "full", "pack", 8, False,
-     {**FULL, **FAST, "compile": True, "ce_chunk_tokens": 4096, "varlen_rows": True}),
+    ("st-1.5b-full-8", "1.5b", "full", "pack", 8, False, {**FULL, **FAST, **C4K}),
+    ("st-1.5b-full-8-vr", "1.5b", "full", "pack", 8, False, {**FULL, **FAST, **C4K, "varlen_rows": True}),
+    ("st-1.5b-full-12", "1.5b", "full", "pack", 12, False, {**FULL, **FAST, **C4K}),
     ("base-0.5b-full-8", "0.5b", "full", "pack", 8, False, None),
-    ("st-0.5b-full-8", "0.5b", "full", "pack", 8, False, {**FULL, **FAST, "compile": True}),
+    ("st-0.5b-full-8", "0.5b", "full", "pack", 8, False, {**FULL, **FAST, **C4K}),
     ("base-0.5b-lora-16", "0.5b", "lora", "pack", 16, False, None),
     ("st-0.5b-lora-16", "0.5b", "lora", "pack", 16, False, {**LORA, **FAST, "compile": True}),
     ("base-1.5b-lora-16", "1.5b", "lora", "pack", 16, False, None),
     ("st-1.5b-lora-16", "1.5b", "lora", "pack", 16, False, {**LORA, **FAST, "compile": True}),
     # variable-length samples: baseline pads each batch, snaketune packs the same samples padding-free
-    ("base-1.5b-full-pad16", "1.5b", "full", "pad", 16, False, None),
-    ("st-1.5b-full-varlen16", "1.5b", "full", "pad", 16, False,
-     {**FULL, **FAST, "compile": True, "compile_dynamic": True}),
+    ("base-1.5b-full-pad8", "1.5b", "full", "pad", 8, False, None),
+    ("st-1.5b-full-varlen8", "1.5b", "full", "pad", 8, False, {**FULL, **FAST, "compile": False}),
 ]
 
 
@@ -274,7 +272,7 @@ def baseline_name(name: str) -> str:
     baseline's batch for it (its gradient checkpointing too for 7B)."""
     size, train = name.split("-")[1:3]
     return {"7b": f"base-7b-lora-{1 if name.endswith('-1-gc') else 4}" + ("-gc" if name.endswith("-1-gc") else ""),
-            "1.5b": f"base-1.5b-{train}-" + ("pad16" if "varlen" in name else "4" if train == "full" else "16"),
+            "1.5b": f"base-1.5b-{train}-" + ("pad8" if "varlen" in name else "4" if train == "full" else "16"),
             "0.5b": f"base-0.5b-{train}-" + ("8" if train == "full" else "16")}[size]
 
 

@@ -26,7 +26,6 @@ to bf16 rounding:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import types
@@ -353,8 +352,7 @@ def _varlen_kwargs(lm, position_ids, attention_mask, kwargs) -> dict | None:
     return packed
 
 
-@functools.lru_cache(maxsize=None)
-def _varlen_impl():
+def _find_varlen():
     """(function, kind) of torch's varlen flash attention, or (None, None) when absent."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -363,6 +361,10 @@ def _varlen_impl():
     params = inspect.signature(varlen_attn).parameters
     return varlen_attn, {"window": "window_size" in params, "causal": "is_causal" in params,
                          "gqa": "enable_gqa" in params}
+
+
+# resolved at import, outside any compiled region (a cached lookup inside one breaks the graph)
+_VARLEN, _VARLEN_KIND = _find_varlen()
 
 
 def _varlen_reference(q, k, v, cu, scale):
@@ -380,7 +382,7 @@ def _varlen_reference(q, k, v, cu, scale):
 
 def varlen_attention(q, k, v, cu_seq_lens, max_len, scale):
     """Causal attention within each segment of [T, H, D] tensors (segments from ``cu_seq_lens``)."""
-    fn, kind = _varlen_impl()
+    fn, kind = _VARLEN, _VARLEN_KIND
     if fn is None or not q.is_cuda:
         return _varlen_reference(q, k, v, cu_seq_lens, scale)
     kw: dict[str, Any] = {"scale": scale}
