@@ -1,0 +1,244 @@
+"""Step `plots`: the figures of the Snakemake report (PNG, matplotlib).
+
+Reads the finished study and writes into ``--out``:
+
+- ``loss.png``: the training loss per step of every training run, one panel per run;
+- ``eval_scores.png``: every eval score across variants (base / SFT / aligned / quantized), one
+  panel per (model, bench), the value written on each bar;
+- ``eval_table.html``: the same scores as a table, with exactly the numbers (and rounding) of
+  ``results/summary.md``, so the report and the terminal summary agree;
+- ``throughput_memory.png``: tokens/s and peak memory (max RSS of the Snakemake benchmark) per
+  training run, and output tokens/s per serving run where ``serving*.json`` files exist;
+- ``numbers.json``: every number drawn above, for tests and for the bundle.
+
+Every number comes from a file the workflow wrote (``summary.json``, ``training.json``, benchmark
+TSVs, serving JSON); nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import math
+from pathlib import Path
+
+from snaketune.atomic import atomic_file, write_json
+from snaketune.errors import SnaketuneError, cli
+
+
+def training_runs(train_dirs: list[str], results: Path) -> list[dict]:
+    """One record per training output folder: name, loss per step, throughput, peak memory."""
+    runs = []
+    for folder in map(Path, train_dirs):
+        info = folder / "training.json"
+        if not info.is_file():
+            raise SnaketuneError(f"{folder} has no training.json: is it the output of a train step?")
+        t = json.loads(info.read_text())
+        rel = folder.resolve().relative_to(results.resolve()) if folder.resolve().is_relative_to(results.resolve()) \
+            else folder
+        model, recipe = rel.parts[0], rel.parts[1]
+        steps = [(h["step"], h["loss"]) for h in t.get("log_history", []) if "loss" in h]
+        bench = results / "benchmarks" / model / recipe / "train.tsv"
+        runs.append({
+            "name": f"{model}/{recipe}",
+            "stage": t.get("stage"),
+            "train_type": t.get("train_type"),
+            "steps": [s for s, _ in steps],
+            "loss": [loss for _, loss in steps],
+            "final_loss": t.get("final_loss"),
+            "tokens_per_s": t.get("tokens_per_s"),
+            "seconds": t.get("seconds"),
+            "max_rss_mb": benchmark_rss(bench),
+        })
+    return sorted(runs, key=lambda r: r["name"])
+
+
+def benchmark_rss(path: Path) -> float | None:
+    """Peak resident memory (MB) from a Snakemake benchmark TSV, or None if it has none."""
+    if not path.is_file():
+        return None
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    values = [float(r["max_rss"]) for r in rows if r.get("max_rss") not in (None, "", "NA", "-")]
+    return max(values) if values else None
+
+
+def serving_runs(results: Path) -> list[dict]:
+    """One record per ``serving*.json`` under ``results``: output tokens/s at each concurrency."""
+    runs = []
+    for path in sorted(results.rglob("serving*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        levels = rec.get("levels") or []
+        if not levels:
+            continue
+        bench = results / "benchmarks" / path.relative_to(results).with_suffix(".tsv")
+        runs.append({
+            "name": str(path.relative_to(results).with_suffix("")),
+            "engine": rec.get("engine"),
+            "concurrency": [lvl.get("concurrency") for lvl in levels],
+            "output_tokens_per_s": [lvl.get("output_tokens_per_s") for lvl in levels],
+            "max_rss_mb": benchmark_rss(bench),
+        })
+    return runs
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 100, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3})
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_file(path, "wb") as fh:  # no version stamp: same bytes for same data
+        fig.savefig(fh, format="png", metadata={"Software": None})
+
+
+def plot_loss(runs: list[dict], path: Path) -> None:
+    plt = _plt()
+    n = max(len(runs), 1)
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
+    for ax, run in zip(axes.flat, runs):
+        if run["steps"]:
+            ax.plot(run["steps"], run["loss"], marker="o", markersize=3)
+        else:
+            ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{run['name']} ({run['stage']}, {run['train_type']})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    if not runs:
+        axes.flat[0].text(0.5, 0.5, "no training runs in this study", ha="center", va="center")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_scores(rows: list[dict], path: Path) -> None:
+    plt = _plt()
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["bench"], r["metric"]), []).append(r)
+    n = max(len(groups), 1)
+    fig, axes = plt.subplots(n, 1, figsize=(max(6, 1.4 * max((len(g) for g in groups.values()), default=1) + 2),
+                                              3.8 * n), squeeze=False)
+    colors = {"base": "#9e9e9e"}
+    for ax, ((model, bench, metric), group) in zip(axes.flat, groups.items()):
+        names = [r["variant"] for r in group]
+        scores = [r["score"] for r in group]
+        palette = [colors.get(v, "#4c72b0" if "/" not in v else "#dd8452") for v in names]
+        bars = ax.bar(names, scores, color=palette)
+        for bar, s in zip(bars, scores):
+            ax.annotate(f"{s:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", xytext=(0, 2), textcoords="offset points")
+        ax.set_ylim(0, max(1.0, max(scores, default=0) * 1.15))
+        ax.set_title(f"{model} · {bench}")
+        ax.set_ylabel(metric)
+        ax.tick_params(axis="x", rotation=20)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_throughput(train: list[dict], serving: list[dict], path: Path) -> None:
+    plt = _plt()
+    panels = 3 if serving else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    names = [r["name"] for r in train]
+    ax = axes[0, 0]
+    ax.bar(names, [r["tokens_per_s"] or 0 for r in train], color="#4c72b0")
+    ax.set_title("training throughput")
+    ax.set_ylabel("tokens / s")
+    ax = axes[0, 1]
+    mem = [("train " + r["name"], r["max_rss_mb"]) for r in train] + [("serve " + r["name"], r["max_rss_mb"])
+                                                                       for r in serving]
+    ax.bar([m[0] for m in mem], [m[1] or 0 for m in mem], color="#55a868")
+    ax.set_title("peak memory (max RSS)")
+    ax.set_ylabel("MB")
+    for a in axes[0, :2]:
+        a.tick_params(axis="x", rotation=20)
+    if serving:
+        ax = axes[0, 2]
+        for r in serving:
+            ax.plot(r["concurrency"], [v or 0 for v in r["output_tokens_per_s"]], marker="o", label=r["name"])
+        ax.set_title("serving throughput")
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("output tokens / s")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def score_table(rows: list[dict], summary_md: str | None) -> str:
+    """The eval table as a small HTML page; the cells are summary.md's own cells when given."""
+    if summary_md:
+        lines = [ln for ln in summary_md.splitlines() if ln.startswith("|")]
+        head = [c.strip() for c in lines[0].strip("|").split("|")]
+        body = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+    else:
+        head = ["model", "variant", "bench", "metric", "score", "n", "size MB"]
+        body = [[r["model"], r["variant"], r["bench"], r["metric"], f"{r['score']:.3f}", str(r["n"]),
+                 f"{r['size_mb']:.2f}"] for r in rows]
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n" for row in body)
+    return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>eval scores</title><style>"
+            "body{font-family:sans-serif}table{border-collapse:collapse}"
+            "td,th{border:1px solid #bbb;padding:4px 10px}td:nth-child(n+5){text-align:right}"
+            f"</style></head><body>\n<table>\n<tr>{th}</tr>\n{trs}</table>\n</body></html>\n")
+
+
+def make_plots(summary_json: str, train_dirs: list[str], out: str, results: str = "results",
+               summary_md: str | None = None) -> dict:
+    results_dir = Path(results)
+    rows = json.loads(Path(summary_json).read_text())["rows"]
+    train = training_runs(train_dirs, results_dir)
+    serving = serving_runs(results_dir)
+    md = Path(summary_md).read_text() if summary_md and Path(summary_md).is_file() else None
+    numbers = {
+        "eval": [{k: r[k] for k in ("model", "variant", "bench", "metric", "score", "n", "size_mb")} for r in rows],
+        "training": train,
+        "serving": serving,
+    }
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_loss(train, out_dir / "loss.png")
+    plot_scores(rows, out_dir / "eval_scores.png")
+    plot_throughput(train, serving, out_dir / "throughput_memory.png")
+    with atomic_file(out_dir / "eval_table.html") as fh:
+        fh.write(score_table(rows, md))
+    write_json(out_dir / "numbers.json", numbers)
+    return numbers
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m snaketune.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--summary", required=True, help="results/summary.json")
+    ap.add_argument("--summary-md", help="results/summary.md (the table cells are copied from it)")
+    ap.add_argument("--train", nargs="*", default=[], help="training output folders (with training.json)")
+    ap.add_argument("--results", default="results", help="results folder (benchmarks/, serving*.json)")
+    ap.add_argument("--out", required=True, help="output folder for the figures")
+    args = ap.parse_args(argv)
+    from snaketune.tracking import step_run
+
+    with step_run("plots", {"train_runs": len(args.train)}) as run:
+        numbers = make_plots(args.summary, args.train, args.out, args.results, args.summary_md)
+        for name in ("loss.png", "eval_scores.png", "throughput_memory.png"):
+            run.log_artifact(Path(args.out) / name, "plots")
+    print(f"plots: {len(numbers['training'])} training runs, {len(numbers['eval'])} eval scores, "
+          f"{len(numbers['serving'])} serving runs -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
