@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,31 @@ def read_jsonl(path):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def snakemake(workdir, *args, timeout=1800):
+    """Run the workflow on ``workdir/config.yaml`` with the test venv's tools first on PATH."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow/Snakefile"),
+           "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def default_study(tmp_path_factory):
+    """The default study (config.yaml as it is) run once locally; shared by the tests that need a
+    finished study (workflow, Slurm comparison, determinism, report, bundle). Do not modify it:
+    copy it first (see ``copy_study``)."""
+    work = tmp_path_factory.mktemp("default-study")
+    (work / "config.yaml").write_text((ROOT / "config.yaml").read_text())
+    result = snakemake(work)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return work, result
+
+
+def copy_study(src: Path, dest: Path) -> Path:
+    """Copy a finished study (outputs, Snakemake metadata, mtimes) to change it safely."""
+    import shutil
+
+    shutil.copytree(src, dest, symlinks=True)
+    return dest

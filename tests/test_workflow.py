@@ -1,26 +1,15 @@
 """The whole default workflow (config.yaml as it is), run by Snakemake in a temporary directory."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import copy_study, snakemake
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-qwen2"
-
-
-def snakemake(workdir, *args, timeout=1200):
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow/Snakefile"),
-           "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def jobs_run(result):
@@ -28,21 +17,12 @@ def jobs_run(result):
     return sorted(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", result.stdout + result.stderr))
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    work = tmp_path_factory.mktemp("study")
-    (work / "config.yaml").write_text((ROOT / "config.yaml").read_text())
-    result = snakemake(work)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    return work, result
-
-
 def score(work, variant):
     return json.loads((work / f"results/{MODEL}/{variant}/eval/arith.json").read_text())["score"]
 
 
-def test_every_step_leaves_its_artifact(study):
-    work, _ = study
+def test_every_step_leaves_its_artifact(default_study):
+    work, _ = default_study
     res = work / "results" / MODEL
     assert (res / "base/model/config.json").is_file() and (res / "base/model/source.json").is_file()
     assert (res / "pt/model/model.safetensors").is_file()
@@ -54,12 +34,12 @@ def test_every_step_leaves_its_artifact(study):
     assert not list(work.glob("results/**/.*partial*")), "temporary output left behind"
 
 
-def test_adapter_loads_in_plain_peft_and_matches_the_merged_model(study):
+def test_adapter_loads_in_plain_peft_and_matches_the_merged_model(default_study):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    work, _ = study
+    work, _ = default_study
     res = work / "results" / MODEL
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(res / "pt/model"), res / "sft-lora/adapter")
     merged = AutoModelForCausalLM.from_pretrained(res / "sft-lora/model")
@@ -68,8 +48,8 @@ def test_adapter_loads_in_plain_peft_and_matches_the_merged_model(study):
         assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
 
 
-def test_sft_learns_what_base_cannot(study):
-    work, _ = study
+def test_sft_learns_what_base_cannot(default_study):
+    work, _ = default_study
     base, pt, sft = score(work, "base"), score(work, "pt"), score(work, "sft-lora")
     assert base <= 0.02 and pt <= 0.05, (base, pt)
     assert sft >= 0.5, sft
@@ -78,18 +58,18 @@ def test_sft_learns_what_base_cannot(study):
     assert record["model_path"].endswith("sft-lora/model")
 
 
-def test_summary_joins_every_variant_and_is_printed(study):
-    work, result = study
+def test_summary_joins_every_variant_and_is_printed(default_study):
+    work, result = default_study
     rows = json.loads((work / "results/summary.json").read_text())["rows"]
     assert {r["variant"] for r in rows} == {"base", "pt", "sft-lora", "sft-lora/fp8"}
     assert {r["variant"]: r["score"] for r in rows}["sft-lora"] == score(work, "sft-lora")
     assert "| tiny-qwen2 | sft-lora | arith | exact_match |" in result.stdout
 
 
-def test_one_mlflow_run_per_job_with_params_metrics_and_tags(study):
+def test_one_mlflow_run_per_job_with_params_metrics_and_tags(default_study):
     import mlflow
 
-    work, result = study
+    work, result = default_study
     mlflow.set_tracking_uri(f"sqlite:///{work}/results/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["demo"], output_format="list")
     rules = sorted(r.data.tags["snakemake.rule"] for r in runs)
@@ -104,14 +84,14 @@ def test_one_mlflow_run_per_job_with_params_metrics_and_tags(study):
     assert len(history) >= 5 and history[-1].value < history[0].value
 
 
-def test_second_run_does_nothing(study):
-    work, _ = study
+def test_second_run_does_nothing(default_study):
+    work, _ = default_study
     result = snakemake(work)
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_changing_one_recipe_reruns_only_its_dependants(study):
-    work, _ = study
+def test_changing_one_recipe_reruns_only_its_dependants(default_study, tmp_path):
+    work = copy_study(default_study[0], tmp_path / "study")
     config = yaml.safe_load((work / "config.yaml").read_text())
     config["recipes"]["sft-lora"]["max_steps"] = 100
     (work / "config.yaml").write_text(yaml.safe_dump(config))
