@@ -1,0 +1,692 @@
+"""Step `bundle` and the `verify` command: paper-reproduction bundles of a finished study.
+
+``python -m snaketune.bundle pack ...`` (run by the ``bundle`` rule) packs a finished study into
+``results/bundles/<study>.tar.gz``::
+
+    <study>/README.md                how to reproduce (for the reader of the bundle)
+    <study>/config.yaml              the resolved config (schema defaults filled in)
+    <study>/reproduce.json           the metrics to reproduce, tolerances, device
+    <study>/code/source.tar.gz       the workflow code at its git commit (git archive)
+    <study>/code/dirty.diff          `git diff HEAD` when the tree was dirty (+ code/untracked/)
+    <study>/code/git.json            commit, branch, remote, dirty flag
+    <study>/env/lock.json            Python, exact package versions, torch build, CUDA, GPU, driver
+    <study>/env/requirements.lock    the package versions as pip pins
+    <study>/hashes/inputs.json       sha256 of every input file: base model weights + tokenizer, datasets
+    <study>/hashes/artifacts.json    sha256 of every artifact under results/ (weights included)
+    <study>/results/...              eval JSON, summary, training.json, manifests, benchmarks, logs,
+                                     plots; weights only with --include-weights
+    <study>/mlflow/runs.json         every MLflow run of the study: params, tags, metric histories
+    <study>/report.html              the Snakemake report
+    <study>/MANIFEST.json            sha256 of every file above (the bundle's own hashes)
+
+``python -m snaketune.bundle verify BUNDLE [--targets ...] [--workdir DIR]`` checks the bundle's
+own hashes (a changed, missing or added file fails with its name), re-runs the study (or the named
+targets) from the bundled config and code with Snakemake in a fresh directory, compares every
+metric with the bundled value within the tolerances of the config's ``reproduce`` block and prints
+``metric | bundled | new | delta | tol | result``; it exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from snaketune.atomic import atomic_file
+from snaketune.errors import SnaketuneError, cli
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+SKIP_DIRS = {"bundles", "cache", "mlartifacts", "checkpoints"}
+SKIP_FILES = {"mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm"}
+OWN_FILES = {"logs/bundle.log", "benchmarks/bundle.tsv"}  # the bundle job's own, still being written
+CODE_DIRS = ("workflow", "scripts", "envs", "configs", "profiles", "ci")
+TRAINING_METRICS = ("train_loss", "first_loss", "final_loss", "steps")
+EXIT_FAILED = 1
+
+
+# ----------------------------------------------------------------------------------------- hashes
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(folder: Path, base: Path | None = None) -> dict[str, str]:
+    """sha256 of every file under ``folder``, keyed by the path relative to ``base``."""
+    base = base or folder
+    return {str(f.relative_to(base)): sha256_file(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)}
+
+
+def _skipped(rel: Path) -> bool:
+    return (any(p in SKIP_DIRS or p.startswith(".") for p in rel.parts[:-1]) or rel.name in SKIP_FILES
+            or rel.name.startswith("."))
+
+
+def result_files(results: Path) -> list[Path]:
+    """Every artifact under ``results`` (relative paths): no bundles, caches, checkpoints, MLflow store."""
+    return [f.relative_to(results) for f in sorted(results.rglob("*"))
+            if f.is_file() and not _skipped(f.relative_to(results)) and str(f.relative_to(results)) not in OWN_FILES]
+
+
+def is_weight(path: Path) -> bool:
+    return path.suffix in WEIGHT_SUFFIXES
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+def collect_metrics(results: Path) -> dict[str, object]:
+    """Every reproducible number of a study, by name.
+
+    ``eval/<model>/<variant>/<bench>.<metric>`` (score) and ``....n``; per training run
+    ``train/<model>/<recipe>.<train_loss|first_loss|final_loss|steps>`` and ``....loss_history``
+    (the logged loss per step). Durations and throughput are not reproducible and not compared.
+    """
+    metrics: dict[str, object] = {}
+    for path in sorted(results.glob("*/**/eval/*.json")):
+        rel = path.relative_to(results)
+        if _skipped(rel) or rel.parts[0] in ("datasets", "benchmarks", "logs", "bundles", "report"):
+            continue
+        rec = json.loads(path.read_text())
+        name = f"eval/{rel.parts[0]}/{'/'.join(rel.parts[1:-2])}/{path.stem}"
+        metrics[f"{name}.{rec['metric']}"] = rec["score"]
+        metrics[f"{name}.n"] = rec["n"]
+    for path in sorted(results.glob("*/*/*/training.json")):
+        rel = path.relative_to(results)
+        if rel.parts[2] not in ("adapter", "model"):
+            continue
+        rec = json.loads(path.read_text())
+        name = f"train/{rel.parts[0]}/{rel.parts[1]}"
+        for key in TRAINING_METRICS:
+            if rec.get(key) is not None:
+                metrics[f"{name}.{key}"] = rec[key]
+        history = [[h["step"], h["loss"]] for h in rec.get("log_history", []) if "loss" in h]
+        if history:
+            metrics[f"{name}.loss_history"] = history
+    return metrics
+
+
+def tolerance_for(key: str, table: dict) -> float:
+    """Absolute tolerance of a metric: its full name, else its short name, else ``default``, else 0."""
+    short = key.rsplit(".", 1)[-1]
+    for name in (key, short, "default"):
+        if name in table:
+            return float(table[name])
+    return 0.0
+
+
+def compare(bundled: dict, new: dict, tolerances: dict, only_new: bool) -> list[dict]:
+    """One row per metric: bundled, new, delta, tolerance, pass/fail."""
+    rows = []
+    for key in sorted(set(bundled) | set(new)):
+        old, cur = bundled.get(key), new.get(key)
+        tol = tolerance_for(key, tolerances)
+        if cur is None and only_new:
+            continue
+        if old is None or cur is None:
+            rows.append({"metric": key, "bundled": old, "new": cur, "delta": None, "tol": tol, "ok": False,
+                         "why": "missing in the new run" if cur is None else "not in the bundle"})
+            continue
+        if isinstance(old, list):  # loss history: [[step, loss], ...]
+            steps_match = [s for s, _ in old] == [s for s, _ in cur]
+            delta = max((abs(a[1] - b[1]) for a, b in zip(old, cur)), default=0.0) if steps_match else float("inf")
+            ok = steps_match and delta <= tol
+            rows.append({"metric": key, "bundled": f"{len(old)} steps", "new": f"{len(cur)} steps",
+                         "delta": delta, "tol": tol, "ok": ok, "why": "" if steps_match else "logged steps differ"})
+            continue
+        delta = cur - old
+        rows.append({"metric": key, "bundled": old, "new": cur, "delta": delta, "tol": tol,
+                     "ok": abs(delta) <= tol, "why": ""})
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def table(rows: list[dict]) -> str:
+    head = ["metric", "bundled", "new", "delta", "tol", "result"]
+    body = [[r["metric"], _fmt(r["bundled"]), _fmt(r["new"]), _fmt(r["delta"]), _fmt(r["tol"]),
+             ("pass" if r["ok"] else "FAIL") + (f" ({r['why']})" if r.get("why") else "")] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+# ------------------------------------------------------------------------------------ environment
+
+def environment() -> dict:
+    """Python, exact package versions, torch build, CUDA/cuDNN, GPU model and driver."""
+    from importlib import metadata
+
+    packages = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            packages[name.lower()] = dist.version
+    env = {
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "packages": dict(sorted(packages.items())),
+        "torch": None,
+        "gpus": [],
+        "driver": None,
+    }
+    try:
+        import torch
+
+        env["torch"] = {
+            "version": torch.__version__,
+            "cuda": torch.version.cuda,
+            "hip": getattr(torch.version, "hip", None),
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "cuda_available": torch.cuda.is_available(),
+            "num_threads": torch.get_num_threads(),
+        }
+        if torch.cuda.is_available():
+            env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            lines = [[c.strip() for c in ln.split(",")] for ln in out.stdout.strip().splitlines()]
+            env["gpus"] = [f"{ln[0]} ({ln[2]})" if len(ln) > 2 else ln[0] for ln in lines]
+            env["driver"] = lines[0][1] if len(lines[0]) > 1 else None
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return env
+
+
+def uses_gpu(env: dict) -> bool:
+    return bool((env.get("torch") or {}).get("cuda_available"))
+
+
+# ------------------------------------------------------------------------------------------- code
+
+def _git(repo: Path, *args: str, binary: bool = False):
+    out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=120)
+    if out.returncode != 0:
+        raise SnaketuneError(f"git {' '.join(args)} failed in {repo}: {out.stderr.decode(errors='replace').strip()}")
+    return out.stdout if binary else out.stdout.decode()
+
+
+def pack_code(repo: Path, dest: Path) -> dict:
+    """The workflow code at its commit (git archive), the diff of a dirty tree, untracked code files."""
+    try:
+        root = Path(_git(repo, "rev-parse", "--show-toplevel").strip())
+    except SnaketuneError:
+        raise SnaketuneError(f"{repo} is not in a git checkout: a bundle records the workflow code by its "
+                             "git commit; run the study from a clone of the snaketune repository") from None
+    commit = _git(root, "rev-parse", "HEAD").strip()
+    dest.mkdir(parents=True)
+    (dest / "source.tar.gz").write_bytes(_git(root, "archive", "--format=tar.gz", f"--prefix=snaketune-{commit[:12]}/",
+                                              commit, binary=True))
+    diff = _git(root, "diff", "HEAD", "--binary", binary=True)
+    untracked = [p for p in _git(root, "ls-files", "--others", "--exclude-standard", "-z").split("\0") if p]
+    kept, left = [], []
+    for rel in untracked:
+        f = root / rel
+        if rel.split("/")[0] in CODE_DIRS and f.is_file() and f.stat().st_size < 1 << 20:
+            target = dest / "untracked" / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+            kept.append(rel)
+        else:
+            left.append(rel)
+    if diff:
+        (dest / "dirty.diff").write_bytes(diff)
+    info = {"commit": commit, "dirty": bool(diff or kept),
+            "branch": _git(root, "rev-parse", "--abbrev-ref", "HEAD").strip(),
+            "remote": subprocess.run(["git", "-C", str(root), "remote", "get-url", "origin"], capture_output=True,
+                                     text=True).stdout.strip() or None,
+            "untracked_included": kept, "untracked_left_out": left}
+    (dest / "git.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def unpack_code(code: Path, dest: Path) -> Path:
+    """Rebuild the bundled workflow tree (commit + diff + untracked files) under ``dest``."""
+    with tarfile.open(code / "source.tar.gz") as tar:
+        tar.extractall(dest, filter="data")
+    root = next(p for p in dest.iterdir() if p.is_dir())
+    if (code / "dirty.diff").is_file() and (code / "dirty.diff").stat().st_size:
+        out = subprocess.run(["git", "apply", "--whitespace=nowarn", str((code / "dirty.diff").resolve())],
+                             cwd=root, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SnaketuneError(f"the bundled diff does not apply to the bundled commit: {out.stderr.strip()}")
+    if (code / "untracked").is_dir():
+        shutil.copytree(code / "untracked", root, dirs_exist_ok=True)
+    return root
+
+
+# ----------------------------------------------------------------------------------------- mlflow
+
+def export_mlflow(uri: str, experiment: str) -> dict:
+    """Every run of the study's experiment: info, params, tags, and each metric's full history."""
+    import logging
+
+    for name in ("alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {"experiment": experiment, "uri": uri, "runs": []}
+    runs = []
+    for run in client.search_runs([exp.experiment_id], max_results=50000, order_by=["attributes.start_time ASC"]):
+        metrics = {}
+        for key in sorted(run.data.metrics):
+            metrics[key] = [{"step": m.step, "value": m.value, "timestamp": m.timestamp}
+                            for m in client.get_metric_history(run.info.run_id, key)]
+        runs.append({
+            "run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+            "start_time": run.info.start_time, "end_time": run.info.end_time,
+            "params": dict(sorted(run.data.params.items())),
+            "tags": {k: v for k, v in sorted(run.data.tags.items()) if not k.startswith("mlflow.log-model")},
+            "metrics": metrics,
+        })
+    return {"experiment": experiment, "experiment_id": exp.experiment_id, "uri": uri, "runs": runs}
+
+
+# ------------------------------------------------------------------------------------------- pack
+
+def _yaml(obj) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=False)
+
+
+def inputs_hashes(results: Path, config: dict) -> dict:
+    models = {}
+    for name, block in config.get("models", {}).items():
+        folder = results / name / "base" / "model"
+        if folder.is_dir():
+            src = folder / "source.json"
+            models[name] = {"source": {k: block.get(k) for k in ("source", "repo", "revision", "path") if block.get(k)},
+                            "source_json": json.loads(src.read_text()) if src.is_file() else None,
+                            "files": hash_tree(folder, results)}
+    datasets = {}
+    for name, block in config.get("datasets", {}).items():
+        folder = results / "datasets" / name
+        if folder.is_dir():
+            datasets[name] = {"source": {k: block.get(k) for k in ("source", "repo", "revision", "path", "test_path")
+                                         if block.get(k)},
+                              "files": hash_tree(folder, results)}
+    return {"models": models, "datasets": datasets}
+
+
+def flat_inputs(inputs: dict) -> dict[str, str]:
+    return {path: digest for section in ("models", "datasets") for entry in inputs.get(section, {}).values()
+            for path, digest in entry["files"].items()}
+
+
+README = """# Reproduction bundle: study `{study}`
+
+Packed {created} from snaketune commit `{commit}`{dirty}. Device: {device}.
+
+## What is here
+
+| path | what |
+|---|---|
+| `config.yaml` | the study's resolved config (every schema default filled in) |
+| `reproduce.json` | the {n_metrics} metrics to reproduce, and the tolerances they are compared with |
+| `code/source.tar.gz` | the workflow code at commit `{commit}` (`git archive`){diff_line} |
+| `env/lock.json`, `env/requirements.lock` | Python {python}, {n_packages} packages at exact versions, torch {torch}{gpu_line} |
+| `hashes/inputs.json` | sha256 of every input file: base model weights and tokenizer, dataset splits; with their sources |
+| `hashes/artifacts.json` | sha256 of every artifact under `results/` (weights included) |
+| `results/` | eval JSON, `summary.md`/`summary.json`, `training.json` (loss per step), manifests, benchmarks, logs, plots{weights_line} |
+| `mlflow/runs.json` | the {n_runs} MLflow runs of the study: params, tags, metric histories |
+| `report.html` | the Snakemake report (plots, rule graph, runtimes){report_line} |
+| `MANIFEST.json` | sha256 of every file of this bundle |
+
+## Results
+
+{summary}
+
+## Reproduce
+
+With snaketune set up (`git clone` the repository, `make setup`; or the packages of
+`env/requirements.lock` in a virtual environment with `pip install -e .` of the bundled code):
+
+```bash
+.venv/bin/python -m snaketune.bundle verify {name}.tar.gz              # the whole study
+.venv/bin/python -m snaketune.bundle verify {name}.tar.gz \\
+    --targets results/{example_target}                                   # one number
+```
+
+`verify` checks every file of the bundle against `MANIFEST.json`, rebuilds the bundled code
+(commit + `code/dirty.diff`), re-runs the study from `config.yaml` with Snakemake in a fresh
+directory (`--workdir DIR` to keep it), compares every metric of `reproduce.json` with the new
+run and prints `metric | bundled | new | delta | tol | result`. It exits 1 if any file was
+altered or any metric is outside its tolerance ({tol_line}).
+
+By hand, without `verify`:
+
+```bash
+mkdir src && tar -xzf code/source.tar.gz -C src && cd src/snaketune-*{apply}
+make setup && cp ../../config.yaml . && .venv/bin/snakemake --cores 2
+```
+
+then compare `results/summary.md` with the table above.
+{weights_note}"""
+
+
+def pack(config: dict, repo: Path, out: Path, results: Path = Path("results"), include_weights: bool = False,
+         report: Path | None = None, make_report: list[str] | None = None) -> dict:
+    """Write the bundle ``out`` (tar.gz) of the finished study in ``results``; returns its summary."""
+    from snaketune.tracking import resolve_uri
+
+    study = config["study"]
+    include_weights = include_weights or config.get("reproduce", {}).get("include_weights", False)
+    staging_root = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent if out.parent.is_dir() else None))
+    try:
+        top = staging_root / study
+        top.mkdir(parents=True)
+        (top / "config.yaml").write_text(_yaml(config))
+        git = pack_code(repo, top / "code")
+        env = environment()
+        (top / "env").mkdir()
+        (top / "env" / "lock.json").write_text(json.dumps(env, indent=2) + "\n")
+        (top / "env" / "requirements.lock").write_text(
+            "".join(f"{k}=={v}\n" for k, v in env["packages"].items()))
+        (top / "hashes").mkdir()
+        inputs = inputs_hashes(results, config)
+        (top / "hashes" / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+        files = result_files(results)
+        (top / "hashes" / "artifacts.json").write_text(json.dumps(
+            {str(Path("results") / f): sha256_file(results / f) for f in files}, indent=2) + "\n")
+        copied = weights_left = 0
+        for rel in files:
+            if is_weight(rel) and not include_weights:
+                weights_left += 1
+                continue
+            target = top / "results" / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(results / rel, target)
+            copied += 1
+        metrics = collect_metrics(results)
+        rep = config.get("reproduce", {})
+        (top / "reproduce.json").write_text(json.dumps({
+            "study": study, "device": "gpu" if uses_gpu(env) else "cpu",
+            "tolerance": rep.get("tolerance", {}), "tolerance_from": "config.yaml reproduce.tolerance",
+            "metrics": metrics,
+        }, indent=2) + "\n")
+        uri = resolve_uri(config.get("tracking", {}).get("uri"))
+        (top / "mlflow").mkdir()
+        runs = export_mlflow(uri, study)
+        (top / "mlflow" / "runs.json").write_text(json.dumps(runs, indent=1) + "\n")
+        report_note = ""
+        if make_report:
+            report = top / "report.html"
+            cmd = make_report + ["--configfile", str((top / "config.yaml").resolve()), "--report", str(report.resolve())]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0 or not report.is_file():
+                report_note = " (could not be built: see the bundle step's log)"
+                print(done.stdout[-3000:] + done.stderr[-3000:], file=sys.stderr)
+        elif report and Path(report).is_file():
+            shutil.copy2(report, top / "report.html")
+        if not (top / "report.html").is_file():
+            report_note = report_note or " (not built for this bundle)"
+        summary_md = results / "summary.md"
+        eval_example = next((k for k in metrics if k.startswith("eval/")), "eval/m/v/b.x")
+        model, *variant, bench = eval_example.split("/", 1)[1].rsplit(".", 1)[0].split("/")
+        tol = rep.get("tolerance", {})
+        device = "GPU" if uses_gpu(env) else "CPU"
+        (top / "README.md").write_text(README.format(
+            study=study, name=out.name.removesuffix(".tar.gz"),
+            created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            commit=git["commit"], dirty=" with uncommitted changes (`code/dirty.diff`)" if git["dirty"] else "",
+            device=f"{device}" + (f" ({', '.join(env['gpus'])}, driver {env['driver']})" if env["gpus"] else ""),
+            n_metrics=len(metrics),
+            diff_line="; `code/dirty.diff` and `code/untracked/`: the uncommitted changes" if git["dirty"] else "",
+            python=env["python"], n_packages=len(env["packages"]),
+            torch=(env["torch"] or {}).get("version"),
+            gpu_line=f", CUDA {(env['torch'] or {}).get('cuda')}" if uses_gpu(env) else " (CPU build)"
+            if not (env["torch"] or {}).get("cuda") else f" (CUDA {(env['torch'] or {}).get('cuda')} build)",
+            weights_line=" and weights" if include_weights else
+            f"; {weights_left} weight files left out (hashes in `hashes/`)",
+            n_runs=len(runs["runs"]), report_line=report_note,
+            summary=summary_md.read_text().strip() if summary_md.is_file() else "(no summary.md)",
+            example_target=f"{model}/{'/'.join(variant)}/eval/{bench}.json",
+            tol_line="on CPU: exact unless `reproduce.tolerance.cpu` says otherwise; on GPU: "
+                     f"`reproduce.tolerance.gpu` = {json.dumps(tol.get('gpu', {}))}",
+            apply=" && git apply ../../code/dirty.diff && cp -r ../../code/untracked/. ." if git["dirty"] else "",
+            weights_note="" if include_weights else
+            "\nWeights are not in this bundle: the base model comes from its source (`hashes/inputs.json` "
+            "names it and the sha256 of every file); every trained weight is rebuilt by the run and its "
+            "sha256 is in `hashes/artifacts.json`. Pack with `reproduce.include_weights: true` (or "
+            "`--include-weights`) to carry them.\n"))
+        manifest = {str(f.relative_to(top)): sha256_file(f) for f in sorted(top.rglob("*")) if f.is_file()}
+        (top / "MANIFEST.json").write_text(json.dumps({"algorithm": "sha256", "files": manifest}, indent=1) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out, "wb") as fh:
+            write_tar(top, fh)
+        return {"bundle": str(out), "bytes": out.stat().st_size, "files": len(manifest), "copied": copied,
+                "weights_left_out": weights_left, "metrics": len(metrics), "mlflow_runs": len(runs["runs"]),
+                "commit": git["commit"], "dirty": git["dirty"]}
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+
+
+def write_tar(top: Path, fh) -> None:
+    """A tar.gz of ``top`` with sorted entries, no owners and fixed times (same files, same bytes)."""
+    import gzip
+
+    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mtime = 0
+        return info
+
+    with gzip.GzipFile(fileobj=fh, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        paths = [top, *sorted(top.rglob("*"))]
+        for p in paths:
+            tar.add(p, arcname=str(p.relative_to(top.parent)), recursive=False, filter=clean)
+
+
+# ----------------------------------------------------------------------------------------- verify
+
+def check_manifest(top: Path) -> list[str]:
+    """Problems of an unpacked bundle against its MANIFEST.json: altered, missing, unexpected files."""
+    path = top / "MANIFEST.json"
+    if not path.is_file():
+        return ["MANIFEST.json: missing (not a snaketune bundle?)"]
+    try:
+        listed = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return ["MANIFEST.json: unreadable"]
+    problems = []
+    present = {str(f.relative_to(top)) for f in top.rglob("*") if f.is_file()} - {"MANIFEST.json"}
+    for rel, digest in sorted(listed.items()):
+        if rel not in present:
+            problems.append(f"{rel}: missing")
+        elif sha256_file(top / rel) != digest:
+            problems.append(f"{rel}: sha256 differs from MANIFEST.json (file altered)")
+    problems += [f"{rel}: not listed in MANIFEST.json (file added)" for rel in sorted(present - set(listed))]
+    return problems
+
+
+def unpack(bundle: Path, dest: Path) -> Path:
+    if not bundle.is_file():
+        raise SnaketuneError(f"bundle {bundle} does not exist")
+    try:
+        with tarfile.open(bundle) as tar:
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise SnaketuneError(f"{bundle} is not a readable tar.gz bundle: {exc}") from None
+    tops = [p for p in dest.iterdir() if p.is_dir()]
+    if len(tops) != 1:
+        raise SnaketuneError(f"{bundle}: expected one top folder, found {[p.name for p in tops]}")
+    return tops[0]
+
+
+def _init_tracking(run_dir: Path) -> None:
+    """Create the run's MLflow SQLite schema before any job: concurrent first jobs race on it."""
+    import logging
+
+    for name in ("alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import mlflow
+
+    from snaketune.tracking import _setup
+
+    (run_dir / "results").mkdir(parents=True, exist_ok=True)
+    _setup(mlflow, f"sqlite:///{(run_dir / 'results' / 'mlflow.db').resolve()}", "verify-init")
+
+
+def env_differences(bundled: dict, current: dict) -> list[str]:
+    diffs = []
+    if bundled.get("python") != current.get("python"):
+        diffs.append(f"python {bundled.get('python')} -> {current.get('python')}")
+    old, new = bundled.get("packages", {}), current.get("packages", {})
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            diffs.append(f"{name} {old.get(name, '-')} -> {new.get(name, '-')}")
+    return diffs
+
+
+def verify(bundle: Path, targets: list[str] | None = None, workdir: Path | None = None, cores: int = 2,
+           code: str = "bundle", out=sys.stdout) -> int:
+    """Check, re-run and compare; returns the exit code (0 all pass, 1 any failure)."""
+    t0 = time.time()
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="snaketune-verify-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if any(workdir.iterdir()):
+        raise SnaketuneError(f"--workdir {workdir} is not empty: verify re-runs the study in a fresh directory")
+    top = unpack(Path(bundle), workdir / "bundle")
+    print(f"bundle {bundle}: study {top.name}, unpacked in {workdir / 'bundle'}", file=out)
+    problems = check_manifest(top)
+    if problems:
+        print("bundle hash check FAILED:", file=out)
+        for p in problems:
+            print(f"  {p}", file=out)
+        return EXIT_FAILED
+    print(f"bundle hash check: {len(json.loads((top / 'MANIFEST.json').read_text())['files'])} files ok", file=out)
+
+    import yaml
+
+    config = yaml.safe_load((top / "config.yaml").read_text())
+    config.setdefault("tracking", {})["uri"] = ""  # the re-run logs into its own directory
+    spec = json.loads((top / "reproduce.json").read_text())
+    env_now = environment()
+    env_then = json.loads((top / "env" / "lock.json").read_text())
+    for line in env_differences(env_then, env_now)[:20]:
+        print(f"  environment differs: {line}", file=out)
+    gpu = spec.get("device") == "gpu" or uses_gpu(env_now)
+    # the tolerances declared in the bundled config (reproduce.tolerance.cpu|gpu; exact where none)
+    tolerances = ((config.get("reproduce") or {}).get("tolerance") or {}).get("gpu" if gpu else "cpu") or {}
+
+    if code == "bundle":
+        root = unpack_code(top / "code", workdir / "code")
+        snakefile, pythonpath = root / "workflow" / "Snakefile", str(root / "scripts")
+    else:
+        root = Path(__file__).resolve().parents[2]
+        snakefile, pythonpath = root / "workflow" / "Snakefile", str(root / "scripts")
+    run_dir = workdir / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(_yaml(config))
+    _init_tracking(run_dir)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(run_dir),
+           "--configfile", str(run_dir / "config.yaml"), "--cores", str(cores), *(targets or [])]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+           "PYTHONPATH": pythonpath + (f":{os.environ['PYTHONPATH']}" if os.environ.get("PYTHONPATH") else "")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("SNAKETUNE_TRACKING", None)
+    print(f"re-running {'targets ' + ' '.join(targets) if targets else 'the study'} with {snakefile} in {run_dir} "
+          f"({'GPU' if gpu else 'CPU'})", file=out, flush=True)
+    log = workdir / "snakemake.log"
+    with open(log, "w") as fh:
+        done = subprocess.run(cmd, cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        print(f"the re-run FAILED (snakemake exit {done.returncode}); last lines of {log}:", file=out)
+        print("\n".join(log.read_text().splitlines()[-40:]), file=out)
+        return EXIT_FAILED
+
+    new = collect_metrics(run_dir / "results")
+    rows = compare(spec["metrics"], new, tolerances, only_new=bool(targets))
+    if not rows:
+        print("no metric of the bundle was rebuilt by these targets", file=out)
+        return EXIT_FAILED
+    # inputs (base model weights, tokenizer, datasets) must be byte-identical wherever rebuilt
+    inputs_then = flat_inputs(json.loads((top / "hashes" / "inputs.json").read_text()))
+    inputs_now = flat_inputs(inputs_hashes(run_dir / "results", config))
+    for path in sorted(set(inputs_then) & set(inputs_now)):
+        same = inputs_then[path] == inputs_now[path]
+        rows.append({"metric": f"input sha256 {path}", "bundled": inputs_then[path][:12], "new": inputs_now[path][:12],
+                     "delta": None, "tol": "exact", "ok": same, "why": ""})
+    artifacts_then = json.loads((top / "hashes" / "artifacts.json").read_text())
+    weights = [p for p in artifacts_then if is_weight(Path(p)) and (run_dir / p).is_file()]
+    same_weights = [p for p in weights if sha256_file(run_dir / p) == artifacts_then[p]]
+    print(table(rows), file=out)
+    failed = [r["metric"] for r in rows if not r["ok"]]
+    print(f"weights: {len(same_weights)} of {len(weights)} rebuilt weight files byte-identical to the bundle's hashes"
+          + ("" if len(same_weights) == len(weights) else
+             f" (differ: {', '.join(p for p in weights if p not in same_weights)})"), file=out)
+    verdict = "FAILED" if failed else "REPRODUCED"
+    print(f"{verdict}: {len(rows) - len(failed)} of {len(rows)} checks pass in {time.time() - t0:.0f} s"
+          + (f"; failing: {', '.join(failed)}" if failed else ""), file=out)
+    return EXIT_FAILED if failed else 0
+
+
+# --------------------------------------------------------------------------------------------- cli
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m snaketune.bundle", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="pack a finished study (what the bundle rule runs)")
+    p.add_argument("--config", required=True, help="the resolved config as a JSON object (or @file)")
+    p.add_argument("--results", default="results")
+    p.add_argument("--repo", default=".", help="a path inside the git checkout of the workflow code")
+    p.add_argument("--out", required=True, help="results/bundles/<study>.tar.gz")
+    p.add_argument("--include-weights", action="store_true", help="copy weight files too (default: hashes only)")
+    p.add_argument("--report", help="an existing Snakemake report HTML to include")
+    p.add_argument("--make-report", help="JSON list: the snakemake command that builds the report (--report FILE is "
+                                         "appended)")
+    v = sub.add_parser("verify", help="check a bundle's hashes, re-run it, compare every metric")
+    v.add_argument("bundle")
+    v.add_argument("--targets", nargs="+", help="re-run only these Snakemake targets (default: the whole study)")
+    v.add_argument("--workdir", help="fresh directory for the re-run (default: a new temporary one, kept)")
+    v.add_argument("--cores", type=int, default=2)
+    v.add_argument("--code", choices=["bundle", "current"], default="bundle",
+                   help="run the bundled workflow code (default) or this checkout's")
+    args = ap.parse_args(argv)
+    if args.command == "pack":
+        raw = Path(args.config[1:]).read_text() if args.config.startswith("@") else args.config
+        info = pack(json.loads(raw), Path(args.repo), Path(args.out), Path(args.results), args.include_weights,
+                    Path(args.report) if args.report else None,
+                    json.loads(args.make_report) if args.make_report else None)
+        print(f"bundle {info['bundle']}: {info['bytes'] / 1e6:.2f} MB, {info['files']} files, {info['metrics']} metrics, "
+              f"{info['mlflow_runs']} MLflow runs, {info['weights_left_out']} weight files left out (hashes only), "
+              f"commit {info['commit'][:12]}{' + diff' if info['dirty'] else ''}")
+        return
+    sys.exit(verify(Path(args.bundle), args.targets, Path(args.workdir) if args.workdir else None, args.cores,
+                    args.code))
+
+
+if __name__ == "__main__":
+    main()
