@@ -169,7 +169,8 @@ def slurm_cluster():
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}"
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    for k in ("CUDA_VISIBLE_DEVICES", "SNAKETUNE_TRACKING", "MLFLOW_TRACKING_URI"):
+        env.pop(k, None)
     return env
 
 
@@ -358,73 +359,142 @@ def test_failing_job_makes_snakemake_fail_without_hanging(slurm_cluster, toy):
 SNAKEFILE = ROOT / "workflow" / "Snakefile"
 
 
-def fast_config(dest: Path) -> Path:
-    """config.yaml made quicker (fewer steps, fewer test rows); same chain of steps.
-
-    tests/slurm-config.yaml, if the workflow provides one, is used as it is."""
-    given = ROOT / "tests" / "slurm-config.yaml"
-    if given.exists():
-        shutil.copy(given, dest / "config.yaml")
-        return dest / "config.yaml"
-    c = yaml.safe_load((ROOT / "config.yaml").read_text())
-    for name, recipe in c.get("recipes", {}).items():
-        if "epochs" in recipe:
-            recipe["epochs"] = min(recipe["epochs"], 2)
-        if "max_steps" in recipe:
-            recipe["max_steps"] = min(recipe["max_steps"], 20)
-        recipe["save_steps"] = min(recipe.get("save_steps", 10), 10)
-        recipe["logging_steps"] = min(recipe.get("logging_steps", 10), 10)
-    for ds in c.get("datasets", {}).values():
-        if "n_test" in ds:
-            ds["n_test"] = min(ds["n_test"], 20)
+def slurm_config(local_config: Path, dest: Path) -> Path:
+    """The local study's config, with its GPU steps declaring one GPU (resources.gpu.gpu = 1), so
+    that they go to the stand-in H100 partition. The steps still run on the CPU (no CUDA here), so
+    the results must not change."""
+    c = yaml.safe_load(local_config.read_text())
+    c.setdefault("resources", {}).setdefault("gpu", {})["gpu"] = 1
     (dest / "config.yaml").write_text(yaml.safe_dump(c, sort_keys=False))
     return dest / "config.yaml"
 
 
-def eval_metrics(workdir: Path) -> dict:
+TIMING = re.compile(r"seconds|time|per_s|duration|model_sha256|source_model")
+
+
+def eval_results(workdir: Path) -> dict:
+    """Every evaluation JSON, without timings and without model_sha256 (it hashes the model
+    folder's metadata too, timings included); the weights are compared by weights() instead."""
     out = {}
     for f in sorted((workdir / "results").glob("**/eval/*.json")):
         data = json.loads(f.read_text())
-        # everything but timings: scores, predictions, the evaluated model's sha256
-        out[str(f.relative_to(workdir))] = {k: v for k, v in data.items()
-                                            if not re.search(r"seconds|time|per_s", k)}
+        out[str(f.relative_to(workdir))] = {k: v for k, v in data.items() if not TIMING.search(k)}
+    return out
+
+
+def weights(workdir: Path) -> dict:
+    """sha256 of every weights file of every model/adapter folder (checkpoints left out)."""
+    import hashlib
+    out = {}
+    for f in sorted((workdir / "results").glob("**/*.safetensors")):
+        rel = f.relative_to(workdir)
+        if "checkpoints" not in rel.parts:
+            out[str(rel)] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
 
 
 def mlflow_runs(workdir: Path) -> dict:
-    """snakemake.job tag -> (status, metrics) of every MLflow run in the workdir's tracking db."""
+    """snakemake.job tag -> sorted [status, metrics] of its MLflow runs (timings left out)."""
     db = workdir / "results" / "mlflow.db"
-    if not db.exists():
-        return {}
+    assert db.exists(), f"no MLflow database in {workdir}"
     code = textwrap.dedent(f'''
-        import json, mlflow
+        import json, re, mlflow
         mlflow.set_tracking_uri("sqlite:///{db}")
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-        print(json.dumps({{r.data.tags.get("snakemake.job", r.info.run_name): [r.info.status,
-            {{k: v for k, v in r.data.metrics.items() if "runtime" not in k and "per_second" not in k
-              and "time" not in k and "flos" not in k}}] for r in runs}}))
+        out = {{}}
+        for r in mlflow.search_runs(search_all_experiments=True, output_format="list"):
+            metrics = {{k: v for k, v in r.data.metrics.items()
+                        if not re.search(r"runtime|per_second|per_s|seconds|time|flos|duration", k)}}
+            out.setdefault(r.data.tags.get("snakemake.job", r.info.run_name), []).append([r.info.status, metrics])
+        print(json.dumps({{k: sorted(v, key=json.dumps) for k, v in out.items()}}))
     ''')
     return json.loads(_sh(sys.executable, "-c", code, timeout=300).stdout.strip().splitlines()[-1])
 
 
+def init_mlflow_db(workdir: Path) -> None:
+    """Create results/mlflow.db before the run. Two jobs that start at once and both create the
+    database race on its schema (sqlalchemy IntegrityError); that is tracking's business, not the
+    Slurm profile's, so these tests start from a created database."""
+    (workdir / "results").mkdir(exist_ok=True)
+    code = (f"import mlflow; mlflow.set_tracking_uri('sqlite:///{workdir}/results/mlflow.db'); "
+            "mlflow.search_experiments()")
+    _sh(sys.executable, "-c", code, timeout=300)
+
+
+def _checkpoint_steps(folder: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in folder.glob("checkpoint-*/trainer_state.json"))
+
+
+def run_with_preemption_drill(workdir: Path, args: list[str], timeout: int = 1800):
+    """Run snakemake; once the last training job has a checkpoint (and is still running),
+    `scontrol requeue` it, as a preemption would. Returns (process result, drilled job or None)."""
+    cmd = ["timeout", "-s", "INT", "-k", "30", str(timeout), str(SNAKEMAKE), *args]
+    log = open(workdir / "slurm.out", "w+")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=workdir, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    drilled = None
+    try:
+        while proc.poll() is None and drilled is None:
+            time.sleep(0.3)
+            running = _sh("squeue", "--noheader", "--states=RUNNING", "--format=%i|%k").stdout.split()
+            for line in running:
+                jobid, comment = line.split("|")
+                m = re.match(r"rule_train_adapter_wildcards_(.+)$", comment)
+                if not m:
+                    continue
+                for ck in (workdir / "results").glob("*/*/checkpoints"):
+                    model, recipe = ck.parts[-3], ck.parts[-2]
+                    steps = _checkpoint_steps(ck)
+                    if m.group(1) == f"{model}_{recipe}" and steps:
+                        _sh("scontrol", "requeue", jobid)
+                        drilled = dict(id=jobid, model=model, recipe=recipe, at_checkpoint=steps[-1])
+                        print(f"[slurm] requeued {comment} (job {jobid}) at checkpoint {steps[-1]}",
+                              file=sys.stderr)
+                        break
+        proc.wait(timeout=timeout + 60)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(2)
+            proc.wait(60)
+    log.seek(0)
+    p = SimpleNamespace(returncode=proc.returncode, stdout=log.read(), stderr="", wall_s=time.monotonic() - t0)
+    log.close()
+    print(f"[slurm] slurm: rc={p.returncode} in {p.wall_s:.1f} s", file=sys.stderr)
+    return p, drilled
+
+
 @pytest.mark.slurm
 @pytest.mark.skipif(not SNAKEFILE.exists(), reason="workflow/Snakefile not written yet")
-def test_default_workflow_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):
-    local, slurm = tmp_path / "local", tmp_path / "slurm"
-    for d in (local, slurm):
-        d.mkdir()
-        fast_config(d)
-    p_local = run_snakemake(local, "-s", str(SNAKEFILE), "--cores", "2", timeout=1800, name="local")
-    assert p_local.returncode == 0, (p_local.stdout + p_local.stderr)[-4000:]
-    p_slurm = run_snakemake(slurm, "-s", str(SNAKEFILE), "--profile", str(PROFILE_CI), timeout=1800, name="slurm")
-    assert p_slurm.returncode == 0, (p_slurm.stdout + p_slurm.stderr)[-4000:]
-    print(f"[slurm] default workflow: local {p_local.wall_s:.0f} s, via Slurm {p_slurm.wall_s:.0f} s",
-          file=sys.stderr)
+def test_default_workflow_through_slurm_equals_a_local_run(slurm_cluster, default_study, tmp_path):
+    """The default study through profiles/slurm-ci, with its adapter training requeued in the
+    middle: every rule is a Slurm job (GPU rules in the H100 partition, with a GPU request), the
+    training resumes from its checkpoint, and models, evaluations and MLflow runs equal those of the
+    local run of the same study (the shared `default_study` fixture)."""
+    local, _ = default_study
+    slurm = tmp_path / "slurm"
+    slurm.mkdir()
+    slurm_config(local / "config.yaml", slurm)
+    init_mlflow_db(slurm)
+    p_slurm, drilled = run_with_preemption_drill(slurm, ["-s", str(SNAKEFILE), "--profile", str(PROFILE_CI)])
+    assert p_slurm.returncode == 0, p_slurm.stdout[-4000:]
+    print(f"[slurm] default workflow via Slurm: {p_slurm.wall_s:.0f} s", file=sys.stderr)
 
     jobs = assert_jobs_went_through_slurm(p_slurm)
     assert any(j["partition"] == GPU_PARTITION for j in jobs), "no GPU-declared rule in the workflow?"
 
-    m_local, m_slurm = eval_metrics(local), eval_metrics(slurm)
-    assert m_local and m_local == m_slurm
+    # the preemption drill: same Slurm job ran twice, the second time from the checkpoint
+    assert drilled, "the adapter training finished before it could be requeued"
+    job = next(j for j in jobs if j["id"] == drilled["id"])
+    assert job["rule"] == "train_adapter" and job["restarts"] == 1, job
+    train_log = (slurm / "results" / "logs" / drilled["model"] / drilled["recipe"] / "train.log").read_text()
+    assert re.search(r"resuming from \S*checkpoint-\d+", train_log), train_log[-2000:]
+
+    assert weights(local) and weights(local) == weights(slurm)
+    assert eval_results(local) and eval_results(local) == eval_results(slurm)
     r_local, r_slurm = mlflow_runs(local), mlflow_runs(slurm)
-    assert r_local == r_slurm
+    # the requeued training left one more run (the interrupted one, not FINISHED)
+    for key, runs in r_slurm.items():
+        finished = [r for r in runs if r[0] == "FINISHED"]
+        if len(finished) < len(runs):
+            assert key.startswith("train_adapter["), (key, runs)
+            r_slurm[key] = finished
+    assert r_local and r_local == r_slurm
