@@ -265,3 +265,19 @@ def test_recipe_errors_name_the_key(sft_model, arith, tmp_path):
     with pytest.raises(SnaketuneError, match="kto.jsonl does not exist"):
         align(str(sft_model), [str(tmp_path)], {"stage": "kto"}, str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("train_type", ["dora", "pissa"])
+def test_lora_family_reference_and_resume(train_type, sft_model, arith, tmp_path):
+    """DoRA trains against the adapter-disabled base; PiSSA (which rewrites the base weights) against
+    a frozen copy of its initial adapter, which is not saved. A rerun resumes from the checkpoint."""
+    recipe = {"stage": "dpo", "train_type": train_type, "learning_rate": 1e-3, "batch_size": 4, "max_steps": 2,
+              "save_steps": 2, "logging_steps": 1, "seed": 0}
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    first = align(str(sft_model), [str(arith)], recipe, str(out), str(ckpt), Recorder())
+    assert first["reference"] == {"dora": "base with the adapter disabled",
+                                  "pissa": "base with a frozen copy of the initial adapter"}[train_type]
+    assert not (out / "ref").exists() and (out / "adapter_config.json").is_file()
+    again = align(str(sft_model), [str(arith)], {**recipe, "max_steps": 3}, str(tmp_path / "out2"), str(ckpt),
+                  Recorder())
+    assert again["resumed_from"].endswith("checkpoint-2") and again["steps"] == 3

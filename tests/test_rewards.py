@@ -63,3 +63,17 @@ def test_reward_model_folder_scores_prompt_plus_completion(tiny_model, tmp_path)
     assert len(scores) == 3 and scores[2] == pytest.approx(direct, abs=1e-5)
     with pytest.raises(SnaketuneError, match="needs path"):
         build_reward({"name": "reward_model"})
+
+
+def test_lora_reward_model_adapter_is_a_reward(tiny_model, tiny_data, tmp_path):
+    """stage rm with LoRA writes a sequence-classification adapter (score head saved in full);
+    the reward loads it onto its base."""
+    from snaketune.align import align
+
+    out = tmp_path / "rm"
+    recipe = {"stage": "rm", "train_type": "lora", "learning_rate": 1e-3, "batch_size": 4, "max_steps": 2,
+              "seed": 0}
+    summary = align(str(tiny_model), [str(tiny_data)], recipe, str(out), str(tmp_path / "ckpt"))
+    assert summary["reference"] == "none (reference-free)" and (out / "adapter_config.json").is_file()
+    scores = build_reward({"name": "reward_model", "path": str(out)})(PROMPTS, COMPLETIONS)
+    assert len(scores) == 3 and len(set(scores)) > 1

@@ -540,7 +540,11 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
             summary[f"first_{key}"], summary[f"final_{key}"] = first, last
     if trainer.is_world_process_zero():
         with atomic_dir(out) as tmp:
-            trainer.model.save_pretrained(tmp)
+            model = trainer.model
+            if "ref" in getattr(model, "peft_config", {}):  # trl's frozen copy of the initial adapter
+                model.save_pretrained(tmp, selected_adapters=["default"])
+            else:
+                model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(Path(tmp) / "training.json", summary)
     return summary
