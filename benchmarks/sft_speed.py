@@ -63,6 +63,7 @@ PLAN = [
     # variable-length samples: baseline pads each batch, snaketune packs the same samples padding-free
     ("base-1.5b-full-pad8", "1.5b", "full", "pad", 8, False, None),
     ("st-1.5b-full-varlen8", "1.5b", "full", "pad", 8, False, {**FULL, **FAST, "compile": False}),
+    ("st-1.5b-full-varlen8-compile", "1.5b", "full", "pad", 8, False, {**FULL, **FAST, "compile": True}),
 ]
 
 

@@ -88,7 +88,9 @@ def _ce_chunk_fn(device: torch.device):
     if device.type != "cuda":
         return _ce_chunk
     if _compiled_ce_chunk is None:
-        _compiled_ce_chunk = torch.compile(_ce_chunk, dynamic=False)
+        # automatic dynamic: static kernels while the chunk shape is fixed; once it varies
+        # (packed batches of varying length) one symbolic-shape recompile, not one per shape
+        _compiled_ce_chunk = torch.compile(_ce_chunk, dynamic=None)
     return _compiled_ce_chunk
 
 
@@ -439,11 +441,11 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 def compile_layers(model, **compile_kwargs) -> int:
     """torch.compile each decoder layer in place (regional compilation); returns how many.
 
-    Static shapes by default (``dynamic=False``): a new batch shape compiles again (seconds to a
-    minute) instead of switching to slower symbolic-shape kernels; keep shapes few (fixed-length
-    rows, or ``PackedCollator(pad_to_multiple_of=...)``).
+    Default ``dynamic=None`` (automatic dynamic): static kernels while the batch shape stays fixed;
+    when it changes (packed batches), one recompile with symbolic shapes instead of one per shape.
+    ``dynamic=True`` (option ``compile_dynamic``) goes symbolic from the start.
     """
-    compile_kwargs.setdefault("dynamic", False)
+    compile_kwargs.setdefault("dynamic", None)
     cfg = torch._dynamo.config
     if hasattr(cfg, "recompile_limit"):  # one graph per shape: allow more shapes before eager fallback
         cfg.recompile_limit = max(cfg.recompile_limit, 64)
@@ -475,7 +477,7 @@ def apply_speedups(model, options: dict):
         lm.config._attn_implementation = register_attention()
         done["packing"] = ATTN_NAME
     if options.get("compile") and not done.get("compile"):
-        done["compile"] = compile_layers(model, dynamic=True if options.get("compile_dynamic") else False)
+        done["compile"] = compile_layers(model, dynamic=True if options.get("compile_dynamic") else None)
     done["fused_ce"] = bool(options.get("fused_ce"))
     lm._snaketune_applied = done
     model.snaketune_speedups = done
