@@ -231,6 +231,17 @@ def grpo_args(recipe: dict) -> tuple[str, dict]:
         for key in ("normalize_advantages", "reward_clip_range"):
             if key in args:
                 raise SnaketuneError(f"grpo.{key} applies only to variant rloo")
+    use_vllm = args.get("use_vllm", "auto")
+    if use_vllm == "auto":  # vLLM generation on a GPU when it is installed; transformers otherwise
+        import importlib.util
+
+        import torch
+
+        use_vllm = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+    args["use_vllm"] = bool(use_vllm)
+    if args["use_vllm"]:
+        args.setdefault("vllm_mode", "colocate")
+    args.setdefault("beta", 0.05 if variant == "rloo" else 0.04)  # KL weight (GRPO paper: 0.04; trl: 0.0)
     args.setdefault("num_generations", 8)
     args.setdefault("max_completion_length", 64)
     if variant == "reinforce++" and args.get("scale_rewards") != "batch":
@@ -422,7 +433,6 @@ def make_grpo_trainer(model, tokenizer, dataset, recipe: dict, common: dict, cal
         from trl import RLOOConfig as Config, RLOOTrainer as Trainer
     else:
         from trl import GRPOConfig as Config, GRPOTrainer as Trainer
-    g.setdefault("beta", recipe.get("beta", 0.04 if variant != "rloo" else 0.05))
     config = Config(**common, **g, reward_weights=weights, **extra)
     kw = {"peft_config": peft_config} if peft_config is not None else {}
     return variant, Trainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset,
@@ -555,8 +565,7 @@ def reference_kind(stage: str, recipe: dict, variant: str | None) -> str:
     if stage in ("orpo", "simpo", "cpo", "rm"):
         return "none (reference-free)"
     if stage == "grpo":
-        beta = grpo_args(recipe)[1].get("beta", recipe.get("beta", 0.05 if variant == "rloo" else 0.04))
-        if beta == 0:
+        if grpo_args(recipe)[1]["beta"] == 0:
             return "none (beta 0)"
     if not lora:
         return "frozen copy of the starting model"
