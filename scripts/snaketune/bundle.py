@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import io
 import json
 import os
 import platform
@@ -441,6 +440,8 @@ def pack(config: dict, repo: Path, out: Path, results: Path = Path("results"), i
         report_note = ""
         if make_report:
             report = top / "report.html"
+            if make_report[0] == "snakemake":  # the snakemake of this Python, whatever PATH says
+                make_report = [sys.executable, "-m", "snakemake", *make_report[1:]]
             cmd = make_report + ["--configfile", str((top / "config.yaml").resolve()), "--report", str(report.resolve())]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0 or not report.is_file():

@@ -1,0 +1,138 @@
+"""Determinism on CPU: two runs of the workflow in separate directories give byte-identical eval
+metrics, loss curves, summary tables and weights (base model, full fine-tune, LoRA adapter, merge).
+
+The study is config.yaml shrunk to about two minutes on two shared cores (pt 2 epochs, LoRA SFT 20
+steps, variants base and sft-lora, 50 eval samples); everything else, seeds included, is the
+default config. ``small_study`` is shared with test_bundle.py and test_report.py (built once).
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny-qwen2"
+
+
+def small_config() -> dict:
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["recipes"]["pt"].update(epochs=2, logging_steps=5)
+    config["recipes"]["sft-lora"].update(max_steps=20, logging_steps=5)
+    config["benches"]["arith"]["limit"] = 50
+    config["evaluation"]["variants"] = ["base", "sft-lora"]
+    return config
+
+
+def init_tracking(workdir: Path) -> None:
+    """Create the MLflow SQLite schema before the run: two first jobs starting at once race on it."""
+    code = ("import mlflow, sys; mlflow.set_tracking_uri('sqlite:///' + sys.argv[1]); mlflow.search_experiments()")
+    (workdir / "results").mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", code, str(workdir / "results/mlflow.db")], check=True,
+                   capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow/Snakefile"),
+           "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("SNAKETUNE_TRACKING", None)  # the workflow says where to log (results/mlflow.db of the run)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
+
+
+def run_small_study(workdir: Path, *targets: str) -> subprocess.CompletedProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(small_config(), sort_keys=False))
+    init_tracking(workdir)
+    result = snakemake(workdir, *targets)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return result
+
+
+_STUDIES: dict[str, Path] = {}
+
+
+def small_study(tmp_path_factory) -> Path:
+    """The small study, run once per test session through `bundle` (so plots and the bundle exist)."""
+    if "a" not in _STUDIES:
+        work = tmp_path_factory.mktemp("study-a")
+        result = run_small_study(work, "bundle")
+        (work / "snakemake.stdout").write_text(result.stdout)  # the terminal summary is printed there
+        _STUDIES["a"] = work
+    return _STUDIES["a"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def eval_metrics(path: Path) -> dict:
+    """An eval JSON without its wall-clock field (``seconds``), the only thing allowed to differ."""
+    record = json.loads(path.read_text())
+    record.pop("seconds")
+    return record
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    a = small_study(tmp_path_factory)
+    b = tmp_path_factory.mktemp("study-b")
+    run_small_study(b)
+    return a, b
+
+
+def test_eval_json_metrics_are_identical(two_runs):
+    a, b = two_runs
+    evals = sorted(p.relative_to(a) for p in a.glob(f"results/{MODEL}/**/eval/*.json"))
+    assert len(evals) == 2, evals
+    for rel in evals:
+        ra, rb = eval_metrics(a / rel), eval_metrics(b / rel)
+        assert json.dumps(ra, sort_keys=True) == json.dumps(rb, sort_keys=True), rel
+        assert len(ra["examples"]) > 0 and ra["model_sha256"] == rb["model_sha256"]
+    assert (a / "results/summary.md").read_bytes() == (b / "results/summary.md").read_bytes()
+
+
+def test_weights_are_identical(two_runs):
+    a, b = two_runs
+    weights = sorted(p.relative_to(a) for p in a.glob(f"results/{MODEL}/**/*.safetensors"))
+    names = {str(p) for p in weights}
+    assert f"results/{MODEL}/sft-lora/adapter/adapter_model.safetensors" in names, names
+    assert f"results/{MODEL}/pt/model/model.safetensors" in names, names
+    for rel in weights:
+        if "checkpoints" in rel.parts:
+            continue
+        assert sha256(a / rel) == sha256(b / rel), f"{rel} differs between two runs"
+
+
+def test_loss_curves_are_identical(two_runs):
+    a, b = two_runs
+    for rel in (f"results/{MODEL}/pt/model/training.json", f"results/{MODEL}/sft-lora/adapter/training.json"):
+        ta, tb = (json.loads((w / rel).read_text()) for w in (a, b))
+        la = [(h["step"], h["loss"], h.get("grad_norm")) for h in ta["log_history"] if "loss" in h]
+        lb = [(h["step"], h["loss"], h.get("grad_norm")) for h in tb["log_history"] if "loss" in h]
+        assert la and la == lb, rel
+        assert ta["train_loss"] == tb["train_loss"] and ta["tokens"] == tb["tokens"]
+
+
+def test_seeds_and_switch_reach_the_steps(two_runs):
+    """Every seeded step gets the config's seed; training asks for deterministic algorithms on CPU."""
+    a, _ = two_runs
+    log = (a / f"results/{MODEL}/sft-lora/adapter/training.json")
+    assert log.is_file()
+    train_py = (ROOT / "scripts/snaketune/train.py").read_text()
+    assert "full_determinism=not cuda or recipe.get(\"deterministic\", False)" in train_py
+    dry = snakemake(a, "-n", "--forceall", "-p", "bundle")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    config = small_config()
+    shells = [ln for ln in dry.stdout.splitlines() if "python -m snaketune." in ln and "--params" in ln]
+    seeded = [ln for ln in shells if any(f"snaketune.{s} " in ln for s in ("model", "data", "train"))]
+    assert len(seeded) >= 4, shells
+    for line in seeded:
+        assert f'"seed": {config["seed"]}' in line, line
