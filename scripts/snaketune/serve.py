@@ -258,11 +258,13 @@ class ServerProcess:
             self.wait_ready()
         except BaseException:
             self.stop()
+            self.cleanup_log()  # its tail is in the error message
             raise
         return self
 
     def __exit__(self, *exc):
         self.stop()
+        self.cleanup_log()
         return False
 
 
