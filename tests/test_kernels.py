@@ -81,14 +81,21 @@ def test_model_fused_ce_loss_and_grads():
 def test_fast_lora_matches_peft():
     peft = pytest.importorskip("peft")
     base = tiny_qwen2()
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    cfg = peft.LoraConfig(r=4, lora_alpha=7, target_modules="all-linear", init_lora_weights=False)  # scale 1.75
     ref = peft.get_peft_model(base, cfg)
     fast = copy.deepcopy(ref)
     kernels.apply_speedups(fast, {"fast_lora": True})
     assert fast.snaketune_speedups["fast_lora"] == 2 * 7
     ids = torch.randint(0, 384, (2, 20))
     ref(input_ids=ids, labels=ids).loss.backward()
-    out = fast(input_ids=ids, labels=ids)
+    calls = []
+    orig = kernels._LoraLinearFn.apply
+    kernels._LoraLinearFn.apply = lambda *a: calls.append(1) or orig(*a)
+    try:
+        out = fast(input_ids=ids, labels=ids)
+    finally:
+        kernels._LoraLinearFn.apply = orig
+    assert len(calls) == 14  # every LoRA layer took the fast path
     out.loss.backward()
     torch.testing.assert_close(out.loss, ref(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
     g_ref, g_fast = grads(ref), grads(fast)
