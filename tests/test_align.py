@@ -281,3 +281,20 @@ def test_lora_family_reference_and_resume(train_type, sft_model, arith, tmp_path
     again = align(str(sft_model), [str(arith)], {**recipe, "max_steps": 3}, str(tmp_path / "out2"), str(ckpt),
                   Recorder())
     assert again["resumed_from"].endswith("checkpoint-2") and again["steps"] == 3
+
+
+@pytest.mark.parametrize("train_type", ["freeze", "qlora"])
+def test_freeze_and_qlora_policies(train_type, sft_model, arith, tmp_path):
+    """freeze trains full weights of the last block against a frozen copy; qlora an adapter on the
+    4-bit base against the adapter-disabled base."""
+    recipe = {"stage": "dpo", "train_type": train_type, "learning_rate": 1e-3, "batch_size": 4, "max_steps": 2,
+              "logging_steps": 1, "seed": 0, "freeze": {"trainable_layers": 1}, "system": "Answer with a number."}
+    try:
+        summary = align(str(sft_model), [str(arith)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"), Recorder())
+    except (ImportError, RuntimeError) as err:  # bitsandbytes without a usable backend
+        if train_type == "qlora":
+            pytest.skip(f"qlora needs bitsandbytes: {err}")
+        raise
+    assert summary["reference"] == {"freeze": "frozen copy of the starting model",
+                                    "qlora": "base with the adapter disabled"}[train_type]
+    assert summary["trainable_params"] < summary["total_params"]

@@ -41,10 +41,9 @@ import sys
 import time
 from pathlib import Path
 
-from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
-from snaketune.train import (EXIT_REQUEUE, LORA_TYPES, Preempted, latest_checkpoint, make_callback, pick_dtype,
-                             read_jsonl, wrap_model)
+from snaketune.train import (EXIT_REQUEUE, LORA_TYPES, Preempted, distributed_args, latest_checkpoint, load_model,
+                             make_callback, pick_dtype, read_jsonl, save, wrap_model)
 
 PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "cpo", "rm")
 STAGES = PREFERENCE_STAGES + ("kto", "grpo")
@@ -193,6 +192,8 @@ def _common_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, t
     )
     if not args["gradient_checkpointing"]:
         args.pop("gradient_checkpointing")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args.update(distributed_args(recipe, cuda))
     return args
 
 
@@ -252,7 +253,7 @@ def grpo_args(recipe: dict) -> tuple[str, dict]:
 # ------------------------------------------------------------------------------------------ models
 
 
-ZERO_INIT_LORA = ("lora", "dora", "rslora")  # at init the adapted model equals the base
+ZERO_INIT_LORA = ("lora", "qlora", "dora", "rslora")  # at init the adapted model equals the base
 
 
 def load_policy(base: str, recipe: dict, dtype, needs_reference: bool = True):
@@ -265,14 +266,13 @@ def load_policy(base: str, recipe: dict, dtype, needs_reference: bool = True):
     wrapped and trl keeps a frozen copy of the initial adapter (adapter-sized) as reference.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
+    train_type = recipe.get("train_type", "lora")
     torch.manual_seed(recipe.get("seed", 0))
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    if recipe.get("gradient_checkpointing"):
+    model = load_model(base, recipe, dtype, torch.cuda.is_available())  # qlora: 4/8-bit base
+    if recipe.get("gradient_checkpointing") and train_type != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    train_type = recipe.get("train_type", "lora")
     wrapped = wrap_model(model, recipe)
     if needs_reference and train_type in ZERO_INIT_LORA:
         config = wrapped.peft_config["default"]
@@ -291,6 +291,12 @@ def load_reward_backbone(base: str, recipe: dict, tokenizer, dtype):
     train_type = recipe.get("train_type", "lora")
     if train_type == "full":
         return model
+    if train_type == "freeze":
+        model = wrap_model(model, recipe)
+        model.score.weight.requires_grad = True  # the new head always trains
+        return model
+    if train_type == "qlora":
+        raise SnaketuneError("stage rm does not support train_type qlora: use lora, or full")
     if train_type not in LORA_TYPES:
         raise SnaketuneError(f"unknown train_type {train_type!r}: use full or one of {', '.join(LORA_TYPES)}")
     from peft import LoraConfig, get_peft_model
@@ -477,6 +483,10 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     rows = load_rows(data, stage)
+    if recipe.get("system"):  # the recipe's system prompt for conversations that have none
+        for r in rows:
+            if not r["prompt"] or r["prompt"][0]["role"] != "system":
+                r["prompt"] = [{"role": "system", "content": recipe["system"]}] + r["prompt"]
     print(f"data: {len(rows)} {stage} rows from {', '.join(map(str, data))}", flush=True)
     from datasets import Dataset
 
@@ -548,20 +558,14 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         first, last = first_last(key)
         if first is not None:
             summary[f"first_{key}"], summary[f"final_{key}"] = first, last
-    if trainer.is_world_process_zero():
-        with atomic_dir(out) as tmp:
-            model = trainer.model
-            if "ref" in getattr(model, "peft_config", {}):  # trl's frozen copy of the initial adapter
-                model.save_pretrained(tmp, selected_adapters=["default"])
-            else:
-                model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_json(Path(tmp) / "training.json", summary)
+    if "ref" in getattr(trainer.model, "peft_config", {}):  # trl's frozen copy of the initial adapter
+        trainer.model.delete_adapter("ref")
+    save(trainer, tokenizer, summary, Path(out))  # train's: gathers shards, rank 0 renames into place
     return summary
 
 
 def reference_kind(stage: str, recipe: dict, variant: str | None) -> str:
-    lora = recipe.get("train_type", "lora") != "full"
+    lora = recipe.get("train_type", "lora") in LORA_TYPES
     if stage in ("orpo", "simpo", "cpo", "rm"):
         return "none (reference-free)"
     if stage == "grpo":
