@@ -208,18 +208,19 @@ def test_each_figure_shows_in_the_report_in_chromium(report, tmp_path, figure):
 
 
 def test_serving_runs_get_a_throughput_panel(tmp_path):
-    """serving*.json under results/ (snaketune.serving_bench) add output tokens/s by concurrency."""
+    """Serving benchmarks (rule serving_bench: <model>/<variant>/serving/<engine>.json) add output
+    tokens/s by concurrency and their peak memory."""
     from snaketune.report import plot_throughput, serving_runs
 
     results = tmp_path / "results"
-    (results / "m/sft/serve").mkdir(parents=True)
-    (results / "m/sft/serve/serving_transformers.json").write_text(json.dumps({
+    (results / "m/sft/serving").mkdir(parents=True)
+    (results / "m/sft/serving/transformers.json").write_text(json.dumps({
         "engine": "transformers", "levels": [{"concurrency": 1, "output_tokens_per_s": 50.0},
                                              {"concurrency": 4, "output_tokens_per_s": 120.5}]}))
-    (results / "benchmarks/m/sft/serve").mkdir(parents=True)
-    (results / "benchmarks/m/sft/serve/serving_transformers.tsv").write_text("s\tmax_rss\n3\t1500.5\n")
+    (results / "benchmarks/m/sft/serving").mkdir(parents=True)
+    (results / "benchmarks/m/sft/serving/transformers.tsv").write_text("s\tmax_rss\n3\t1500.5\n")
     runs = serving_runs(results)
-    assert runs == [{"name": "m/sft/serve/serving_transformers", "engine": "transformers", "concurrency": [1, 4],
+    assert runs == [{"name": "m/sft/serving/transformers", "engine": "transformers", "concurrency": [1, 4],
                      "output_tokens_per_s": [50.0, 120.5], "max_rss_mb": 1500.5}]
     train = [{"name": "m/sft", "tokens_per_s": 1000.0, "max_rss_mb": 800.0}]
     plot_throughput(train, runs, tmp_path / "t.png")

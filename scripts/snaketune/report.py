@@ -8,7 +8,8 @@ Reads the finished study and writes into ``--out``:
 - ``eval_table.html``: the same scores as a table, with exactly the numbers (and rounding) of
   ``results/summary.md``, so the report and the terminal summary agree;
 - ``throughput_memory.png``: tokens/s and peak memory (max RSS of the Snakemake benchmark) per
-  training run, and output tokens/s per serving run where ``serving*.json`` files exist;
+  training run, and output tokens/s per serving run where serving benchmarks exist
+  (``<model>/<variant>/serving/<engine>.json`` or ``serving*.json``);
 - ``numbers.json``: every number drawn above, for tests and for the bundle.
 
 Every number comes from a file the workflow wrote (``summary.json``, ``training.json``, benchmark
@@ -66,9 +67,11 @@ def benchmark_rss(path: Path) -> float | None:
 
 
 def serving_runs(results: Path) -> list[dict]:
-    """One record per ``serving*.json`` under ``results``: output tokens/s at each concurrency."""
+    """One record per serving benchmark under ``results`` (``<model>/<variant>/serving/<engine>.json``
+    of the serving_bench rule, or any ``serving*.json``): output tokens/s at each concurrency."""
     runs = []
-    for path in sorted(results.rglob("serving*.json")):
+    found = set(results.glob("*/**/serving/*.json")) | set(results.rglob("serving*.json"))
+    for path in sorted(p for p in found if "benchmarks" not in p.relative_to(results).parts[:1]):
         try:
             rec = json.loads(path.read_text())
         except json.JSONDecodeError:
