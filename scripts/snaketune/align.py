@@ -188,6 +188,7 @@ def _common_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, t
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
         gradient_checkpointing=bool(recipe.get("gradient_checkpointing", False)),
     )
     if not args["gradient_checkpointing"]:
