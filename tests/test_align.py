@@ -163,7 +163,8 @@ def test_lora_dpo_from_the_cli_logs_to_mlflow(sft_model, arith, tmp_path):
     out = tmp_path / "adapter"
     recipe = {"stage": "dpo", "train_type": "lora", "learning_rate": 5e-3, "batch_size": 8, "max_steps": 6,
               "logging_steps": 2, "beta": 0.1, "loss_type": "ipo", "seed": 0}
-    main(["--base", str(sft_model), "--data", str(arith), "--params", json.dumps(recipe), "--out", str(out)])
+    main(["--base", str(sft_model), "--data", str(arith), "--params", json.dumps(recipe), "--out", str(out),
+          "--cache-dir", str(tmp_path / "cache")])
     assert PeftConfig.from_pretrained(out).peft_type == "LORA"
     written = json.loads((out / "training.json").read_text())
     assert written["reference"] == "base with the adapter disabled" and written["steps"] == 6

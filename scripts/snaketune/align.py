@@ -588,6 +588,7 @@ def main(argv=None):
     ap.add_argument("--params", required=True, help="JSON: the recipes.<name> block of the config")
     ap.add_argument("--out", required=True, help="output adapter (LoRA family) or model (full) folder")
     ap.add_argument("--checkpoints", help="checkpoint folder (default: <out>.checkpoints)")
+    ap.add_argument("--cache-dir", help="accepted for the train rule's command line; unused (trl tokenizes)")
     args = ap.parse_args(argv)
     recipe = json.loads(args.params)
     from snaketune.tracking import step_run
