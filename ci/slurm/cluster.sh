@@ -158,8 +158,10 @@ CONF
 
 start_munged() {
     if pid_alive "$MUNGE_RUN/munged.pid"; then return 0; fi
-    mkdir -p "$MUNGE_RUN" /var/log/munge /var/lib/munge
-    chown munge:munge "$MUNGE_RUN" /var/log/munge /var/lib/munge
+    id munge >/dev/null 2>&1 || die "no user munge: run '$0 install' first"
+    mkdir -p "$MUNGE_RUN" /var/log/munge /var/lib/munge /etc/munge
+    chown munge:munge "$MUNGE_RUN" /var/log/munge /var/lib/munge /etc/munge
+    chmod 700 /etc/munge
     chmod 755 "$MUNGE_RUN"
     if [ ! -s /etc/munge/munge.key ]; then
         log "creating /etc/munge/munge.key"
