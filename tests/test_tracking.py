@@ -92,3 +92,16 @@ def test_runs_arrive_on_a_real_mlflow_server(tmp_path, monkeypatch):
 
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_concurrent_first_runs_share_a_fresh_sqlite_store(tmp_path):
+    """Several steps starting at once on a new store (what Snakemake does) all log their run."""
+    uri = f"sqlite:///{tmp_path}/results/mlflow.db"
+    code = ("import json, os; from snaketune.tracking import step_run\n"
+            "with step_run('data', {'i': os.environ['I']}) as run: run.log_metrics({'x': 1})")
+    env = {**__import__("os").environ, "SNAKETUNE_TRACKING": json.dumps({"uri": uri, "experiment": "race"})}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "I": str(i)}, stderr=subprocess.PIPE)
+             for i in range(4)]
+    errors = [p.communicate(timeout=300)[1].decode()[-1500:] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert sorted(r.data.params["i"] for r in _runs(uri, "race")) == ["0", "1", "2", "3"]

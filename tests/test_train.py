@@ -155,7 +155,7 @@ def test_distributed_strategies_map_to_trainer_arguments():
 
     assert distributed_args({}, cuda=False)["ddp_backend"] == "gloo"
     fsdp = distributed_args({"distributed": {"strategy": "fsdp"}, "gradient_checkpointing": True}, cuda=True)
-    assert fsdp["fsdp"] == "full_shard auto_wrap" and fsdp["fsdp_config"]["version"] == 2
+    assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["version"] == 2 and not fsdp["fsdp_config"]["cpu_offload"]
     assert fsdp["fsdp_config"]["activation_checkpointing"] is True
     ds = distributed_args({"distributed": {"strategy": "deepspeed", "zero_stage": 3, "offload": True}}, cuda=True)
     zero = ds["deepspeed"]["zero_optimization"]
@@ -195,3 +195,19 @@ def test_packing_and_fused_ce_train_through_the_trainer(tiny_model, tiny_data, t
     plain = train(str(tiny_model), [str(tiny_data)], {**RECIPE, "train_type": "lora"}, str(tmp_path / "plain"),
                   str(tmp_path / "ckpt2"))
     assert abs(summary["first_loss"] - plain["first_loss"]) < 0.05 * plain["first_loss"]
+
+
+def test_fsdp2_single_process_matches_plain_training(tiny_model, tiny_data, tmp_path):
+    """The FSDP2 path (as on GPUs) runs on one CPU process and computes the same losses."""
+    recipe = {**RECIPE, "train_type": "full", "max_steps": 4, "logging_steps": 1}
+    plain = train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "plain"), str(tmp_path / "c1"))
+    code = ("import json, sys; from snaketune.train import train; "
+            "s = train(sys.argv[1], [sys.argv[2]], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]); "
+            "print('LOSSES', json.dumps([h['loss'] for h in s['log_history'] if 'loss' in h]))")
+    fsdp = {**recipe, "distributed": {"strategy": "fsdp"}}
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_model), str(tiny_data), json.dumps(fsdp),
+                             str(tmp_path / "fsdp"), str(tmp_path / "c2")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = json.loads(result.stdout.split("LOSSES", 1)[1])
+    assert losses == pytest.approx([h["loss"] for h in plain["log_history"] if "loss" in h], rel=1e-4)
+    assert (tmp_path / "fsdp/model.safetensors").is_file()

@@ -9,6 +9,7 @@ default ``sqlite:///results/mlflow.db``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -87,6 +88,19 @@ class NullRun:
         pass
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Serialise first contact with an SQLite store: concurrent jobs would race on its schema."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 def _setup(mlflow, uri: str, experiment: str) -> None:
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
@@ -95,7 +109,7 @@ def _setup(mlflow, uri: str, experiment: str) -> None:
             location = Path(uri[len("sqlite:///"):]).parent.joinpath("mlartifacts").as_uri()
         try:
             mlflow.create_experiment(experiment, artifact_location=location)
-        except Exception:  # another job created it first
+        except Exception:  # another process created it first (a tracking server is not locked)
             if mlflow.get_experiment_by_name(experiment) is None:
                 raise
     mlflow.set_experiment(experiment)
@@ -125,14 +139,8 @@ def step_run(step: str, params: dict, run_name: str | None = None):
         tags.update({"snakemake.job": job, "snakemake.rule": rule, "snakemake.wildcards": wildcards.rstrip("]")})
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
-    for attempt in range(5):  # concurrent jobs may race on a fresh SQLite schema
-        try:
-            _setup(mlflow, uri, experiment)
-            break
-        except Exception:
-            if attempt == 4:
-                raise
-            time.sleep(1 + attempt)
+    with _store_lock(uri):
+        _setup(mlflow, uri, experiment)
     start = time.time()
     with mlflow.start_run(run_name=run_name or tags.get("snaketune.job") or step) as run:
         handle = StepRun(mlflow, run)

@@ -151,9 +151,16 @@ def pick_dtype(recipe: dict, cuda: bool):
 
 
 def load_model(base: str, recipe: dict, dtype, cuda: bool):
-    """Load the base model: in ``dtype``, or 4/8-bit through bitsandbytes for ``qlora``."""
+    """Load the base model: fp32 master weights for full/freeze, the frozen base in ``dtype`` for
+    the LoRA family, or 4/8-bit through bitsandbytes for ``qlora``."""
     from transformers import AutoModelForCausalLM
 
+    if recipe.get("train_type") in FULL_TYPES:
+        # trained weights stay fp32 (master weights); bf16/fp16 runs compute under autocast.
+        # Pure-bf16 weights lose AdamW updates to rounding (benchmarks/NOTES.md, strategies run).
+        import torch
+
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if recipe.get("train_type") != "qlora":
         return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     from peft import prepare_model_for_kbit_training
@@ -220,14 +227,40 @@ def wrap_model(model, recipe: dict):
     return get_peft_model(model, config)
 
 
+def prepare_model(model, recipe: dict, cuda: bool):
+    """Make a loaded model ready to train: activation checkpointing, the train_type's wrapping
+    (full/freeze/LoRA family) and the speed-ups the recipe asks for. The speed benchmark calls
+    this same function."""
+    if recipe.get("gradient_checkpointing") and recipe.get("train_type") != "qlora":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = wrap_model(model, recipe)
+    speedups = kernels.resolve_options(recipe, cuda)
+    if any(speedups.get(k) for k in kernels.OPTION_KEYS):
+        model = kernels.apply_speedups(model, speedups)
+    return model
+
+
+def single_process_group() -> None:
+    """FSDP and DeepSpeed need a process group even on one GPU: make this process rank 0 of 1."""
+    import socket
+
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def distributed_args(recipe: dict, cuda: bool) -> dict:
     """TrainingArguments for the recipe's multi-process strategy: ddp, fsdp (FSDP2) or deepspeed."""
     dist = recipe.get("distributed", {})
     strategy = dist.get("strategy", "ddp")
     args = {"ddp_backend": "nccl" if cuda else "gloo", "ddp_find_unused_parameters": False}
     if strategy == "fsdp":
-        args["fsdp"] = "full_shard auto_wrap" + (" offload" if dist.get("offload") else "")
-        args["fsdp_config"] = {"version": 2, "reshard_after_forward": True,
+        args["fsdp"] = True
+        args["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "cpu_offload": bool(dist.get("offload")),
                                "activation_checkpointing": bool(recipe.get("gradient_checkpointing")),
                                "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}
     elif strategy == "deepspeed":
@@ -323,6 +356,9 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     stage = recipe.get("stage", "sft")
     train_type = recipe.get("train_type", "lora")
     seed = recipe.get("seed", 0)
+    sharded = recipe.get("distributed", {}).get("strategy") in ("fsdp", "deepspeed")
+    if sharded:
+        single_process_group()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     checkpoints = Path(checkpoints or Path(out).with_name(Path(out).name + ".checkpoints"))
 
@@ -334,14 +370,8 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
           f"{data_stats['truncated']} truncated, {data_stats['dropped']} dropped", flush=True)
 
     torch.manual_seed(seed)
-    model = load_model(base, recipe, dtype, cuda)
-    if recipe.get("gradient_checkpointing") and train_type != "qlora":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = wrap_model(model, recipe)
+    model = prepare_model(load_model(base, recipe, dtype, cuda), recipe, cuda)
     speedups = kernels.resolve_options(recipe, cuda)
-    if any(speedups.get(k) for k in kernels.OPTION_KEYS):
-        model = kernels.apply_speedups(model, speedups)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
@@ -375,7 +405,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        **(distributed_args(recipe, cuda) if world > 1 else {}),
+        **(distributed_args(recipe, cuda) if sharded or world > 1 else {}),
     )
     preempted = Preempted()
     trainer = Trainer(

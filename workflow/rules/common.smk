@@ -89,7 +89,7 @@ def _check_references():
     for bench in config["evaluation"]["benches"]:
         if bench not in config["benches"]:
             problems.append(f"evaluation.benches: {bench!r} is not a key of benches")
-    for variant in config["evaluation"]["variants"]:
+    for variant in config["evaluation"]["variants"] + config.get("serving", {}).get("variants", []):
         stem, _, quant = variant.partition("/")
         if stem != "base" and stem not in config["recipes"]:
             problems.append(f"evaluation.variants: {variant!r}: {stem!r} is neither 'base' nor a recipe")
@@ -197,6 +197,9 @@ def job_resources(kind, section=None, wildcard=None):
     return {key: (lambda wildcards, key=key: resolve(wildcards).get(key, "")) for key in keys}
 
 
+EVAL_MODULES = {"transformers": "evaluate", "evalscope": "evalscope_eval"}
+
+
 def eval_targets():
     models = config["evaluation"].get("models") or list(config["models"])
     return [
@@ -204,4 +207,14 @@ def eval_targets():
         for m in models
         for v in config["evaluation"]["variants"]
         for b in config["evaluation"]["benches"]
+    ]
+
+
+def serving_targets():
+    serving = config.get("serving", {})
+    models = config["evaluation"].get("models") or list(config["models"])
+    return [
+        f"{RESULTS}/{m}/{v}/serving/{serving['engine']}.json"
+        for m in models
+        for v in serving.get("variants", [])
     ]

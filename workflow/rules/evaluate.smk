@@ -8,6 +8,7 @@ rule evaluate:
         variant=r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?",
     params:
         job=job_label("evaluate"),
+        module=lambda wc: EVAL_MODULES[config["benches"][wc.bench]["engine"]],
         spec=lambda wc: params_json({"name": wc.bench, **config["benches"][wc.bench]}),
     resources:
         **job_resources("gpu", "benches", "bench"),
@@ -19,6 +20,6 @@ rule evaluate:
         "../../envs/snaketune.yaml"
     shell:
         "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu}"
-        " -- python -m snaketune.evaluate"
+        " -- python -m snaketune.{params.module}"
         " --model {input.model} --data {input.data} --params {params.spec:q}"
         " --variant {wildcards.variant} --out {output} > {log} 2>&1"

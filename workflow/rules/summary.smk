@@ -1,6 +1,7 @@
 rule summary:
     input:
-        eval_targets(),
+        evals=eval_targets(),
+        serving=serving_targets(),
     output:
         json=f"{RESULTS}/summary.json",
         md=f"{RESULTS}/summary.md",
@@ -16,4 +17,4 @@ rule summary:
         "../../envs/snaketune.yaml"
     shell:
         "SNAKETUNE_JOB={params.job:q} python -m snaketune.summary"
-        " --evals {input} --out-json {output.json} --out-md {output.md} > {log} 2>&1"
+        " --evals {input.evals} --serving {input.serving} --out-json {output.json} --out-md {output.md} > {log} 2>&1"
