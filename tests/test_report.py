@@ -220,7 +220,7 @@ def test_serving_runs_get_a_throughput_panel(tmp_path):
     (results / "benchmarks/m/sft/serving").mkdir(parents=True)
     (results / "benchmarks/m/sft/serving/transformers.tsv").write_text("s\tmax_rss\n3\t1500.5\n")
     runs = serving_runs(results)
-    assert runs == [{"name": "m/sft/serving/transformers", "engine": "transformers", "concurrency": [1, 4],
+    assert runs == [{"name": "m/sft (transformers)", "engine": "transformers", "concurrency": [1, 4],
                      "output_tokens_per_s": [50.0, 120.5], "max_rss_mb": 1500.5}]
     train = [{"name": "m/sft", "tokens_per_s": 1000.0, "max_rss_mb": 800.0}]
     plot_throughput(train, runs, tmp_path / "t.png")

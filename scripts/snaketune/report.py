@@ -79,9 +79,11 @@ def serving_runs(results: Path) -> list[dict]:
         levels = rec.get("levels") or []
         if not levels:
             continue
-        bench = results / "benchmarks" / path.relative_to(results).with_suffix(".tsv")
+        rel = path.relative_to(results)
+        bench = results / "benchmarks" / rel.with_suffix(".tsv")
         runs.append({
-            "name": str(path.relative_to(results).with_suffix("")),
+            "name": (f"{'/'.join(rel.parts[:-2])} ({path.stem})" if len(rel.parts) > 2 and rel.parts[-2] == "serving"
+                     else str(rel.with_suffix(""))),
             "engine": rec.get("engine"),
             "concurrency": [lvl.get("concurrency") for lvl in levels],
             "output_tokens_per_s": [lvl.get("output_tokens_per_s") for lvl in levels],
@@ -169,7 +171,9 @@ def plot_throughput(train: list[dict], serving: list[dict], path: Path) -> None:
     ax.set_title("peak memory (max RSS)")
     ax.set_ylabel("MB")
     for a in axes[0, :2]:
-        a.tick_params(axis="x", rotation=20)
+        for label in a.get_xticklabels():
+            label.set_rotation(25)
+            label.set_horizontalalignment("right")
     if serving:
         ax = axes[0, 2]
         for r in serving:
