@@ -39,6 +39,7 @@ except WorkflowError:
 RESULTS = "results"
 LORA_TYPES = ("lora", "qlora", "dora", "rslora", "pissa", "olora")
 CACHE = f"{RESULTS}/cache/tokenized"
+ALIGN_STAGES = ("dpo", "kto", "orpo", "simpo", "cpo", "rm", "grpo")
 
 
 def _git_commit():
@@ -77,6 +78,9 @@ def _check_references():
                 problems.append(f"recipes.{name}.dataset: {dataset!r} is not a key of datasets")
         if recipe["from"] != "base" and recipe["from"] not in config["recipes"]:
             problems.append(f"recipes.{name}.from: {recipe['from']!r} is neither 'base' nor a recipe")
+        for rm in reward_models(name):
+            if config["recipes"].get(rm, {}).get("stage") != "rm":
+                problems.append(f"recipes.{name}.grpo.rewards: recipe {rm!r} is not an rm recipe")
     for name, quant in config.get("quantize", {}).items():
         if quant.get("dataset") and quant["dataset"] not in config["datasets"]:
             problems.append(f"quantize.{name}.dataset: {quant['dataset']!r} is not a key of datasets")
@@ -97,9 +101,6 @@ def _check_references():
             problems.append(f"evaluation.variants: {variant!r}: {quant!r} is not a key of quantize")
     if problems:
         raise WorkflowError("config.yaml has problems:\n  " + "\n  ".join(problems))
-
-
-_check_references()
 
 
 def _alternatives(names):
@@ -124,12 +125,36 @@ def model_dir(model, stem):
     return f"{RESULTS}/{model}/{stem}/model"
 
 
+def reward_models(recipe):
+    """The rm recipes a grpo recipe's rewards name."""
+    rewards = config["recipes"][recipe].get("grpo", {}).get("rewards", [])
+    return [r["recipe"] for r in rewards if r.get("name") == "reward_model" and r.get("recipe")]
+
+
+def rm_dir(model, recipe):
+    """An rm recipe's output: a model folder (full) or a sequence-classification adapter."""
+    return f"{RESULTS}/{model}/{recipe}/{'adapter' if is_adapter(recipe) else 'model'}"
+
+
 def train_input(wildcards):
     recipe = config["recipes"][wildcards.recipe]
     return {
         "base": model_dir(wildcards.model, recipe["from"]),
         "data": [f"{RESULTS}/datasets/{d}" for d in recipe_datasets(wildcards.recipe)],
+        "reward_models": [rm_dir(wildcards.model, r) for r in reward_models(wildcards.recipe)],
     }
+
+
+def train_spec(wildcards):
+    """The recipe block for the train/align step; reward_model rewards get their rm folder path."""
+    recipe = with_seed(config["recipes"][wildcards.recipe])
+    if "grpo" in recipe:
+        rewards = [
+            {**r, "path": rm_dir(wildcards.model, r["recipe"])} if r.get("recipe") else r
+            for r in recipe["grpo"].get("rewards", [])
+        ]
+        recipe = {**recipe, "grpo": {**recipe["grpo"], "rewards": rewards}}
+    return params_json(recipe)
 
 
 def merge_base(wildcards):
@@ -218,3 +243,6 @@ def serving_targets():
         for m in models
         for v in serving.get("variants", [])
     ]
+
+
+_check_references()

@@ -5,7 +5,7 @@ rule merge_adapter:
     output:
         directory(f"{RESULTS}/{{model}}/{{recipe}}/model"),
     wildcard_constraints:
-        recipe=_alternatives(ADAPTER_RECIPES),
+        recipe=_alternatives(MERGEABLE_RECIPES),
     params:
         job=job_label("merge_adapter"),
     resources:

@@ -1,5 +1,6 @@
 FULL_RECIPES = [r for r in config["recipes"] if not is_adapter(r)]
 ADAPTER_RECIPES = [r for r in config["recipes"] if is_adapter(r)]
+MERGEABLE_RECIPES = [r for r in ADAPTER_RECIPES if config["recipes"][r]["stage"] != "rm"]
 
 
 rule train_full:
@@ -11,9 +12,10 @@ rule train_full:
         recipe=_alternatives(FULL_RECIPES),
     params:
         job=job_label("train_full"),
-        spec=lambda wc: params_json(with_seed(config["recipes"][wc.recipe])),
+        spec=train_spec,
         checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
         cache=CACHE,
+        module=lambda wc: "align" if config["recipes"][wc.recipe]["stage"] in ALIGN_STAGES else "train",
     threads: 1
     resources:
         **job_resources("gpu", "recipes", "recipe"),
@@ -25,7 +27,7 @@ rule train_full:
         "../../envs/snaketune.yaml"
     shell:
         "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu} --nodes {resources.nodes}"
-        " -- python -m snaketune.train --base {input.base} --data {input.data} --params {params.spec:q}"
+        " -- python -m snaketune.{params.module} --base {input.base} --data {input.data} --params {params.spec:q}"
         " --out {output} --checkpoints {params.checkpoints} --cache-dir {params.cache} > {log} 2>&1"
 
 
@@ -38,9 +40,10 @@ rule train_adapter:
         recipe=_alternatives(ADAPTER_RECIPES),
     params:
         job=job_label("train_adapter"),
-        spec=lambda wc: params_json(with_seed(config["recipes"][wc.recipe])),
+        spec=train_spec,
         checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
         cache=CACHE,
+        module=lambda wc: "align" if config["recipes"][wc.recipe]["stage"] in ALIGN_STAGES else "train",
     threads: 1
     resources:
         **job_resources("gpu", "recipes", "recipe"),
@@ -52,5 +55,5 @@ rule train_adapter:
         "../../envs/snaketune.yaml"
     shell:
         "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu} --nodes {resources.nodes}"
-        " -- python -m snaketune.train --base {input.base} --data {input.data} --params {params.spec:q}"
+        " -- python -m snaketune.{params.module} --base {input.base} --data {input.data} --params {params.spec:q}"
         " --out {output} --checkpoints {params.checkpoints} --cache-dir {params.cache} > {log} 2>&1"
