@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
-from snaketune.train import (EXIT_REQUEUE, LORA_TYPES, Preempted, distributed_args, latest_checkpoint, load_model,
+from snaketune.train import (EXIT_REQUEUE, LORA_TYPES, Preempted, trainer_args, latest_checkpoint, load_model,
                              make_callback, pick_dtype, read_jsonl, save, wrap_model)
 
 PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "cpo", "rm")
@@ -163,38 +163,9 @@ def pretemplate(rows: list[dict], tokenizer) -> list[dict]:
 
 
 def _common_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, total_steps: int) -> dict:
-    seed = recipe.get("seed", 0)
-    args = dict(
-        output_dir=str(checkpoints),
-        max_steps=total_steps,
-        per_device_train_batch_size=recipe.get("batch_size", 8),
-        gradient_accumulation_steps=recipe.get("gradient_accumulation_steps", 1),
-        learning_rate=recipe.get("learning_rate", 5e-6),
-        lr_scheduler_type=recipe.get("lr_scheduler", "cosine"),
-        warmup_steps=recipe.get("warmup_ratio", 0.0),  # a float < 1 is a ratio (transformers 5)
-        weight_decay=recipe.get("weight_decay", 0.0),
-        max_grad_norm=recipe.get("max_grad_norm", 1.0),
-        logging_steps=recipe.get("logging_steps", 10),
-        save_strategy="steps",
-        save_steps=recipe.get("save_steps", 200),
-        save_total_limit=2,
-        seed=seed,
-        data_seed=seed,
-        full_determinism=not cuda or recipe.get("deterministic", False),
-        bf16=dtype_name == "bf16",
-        fp16=dtype_name == "fp16",
-        use_cpu=not cuda,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
-        gradient_checkpointing=bool(recipe.get("gradient_checkpointing", False)),
-    )
-    if not args["gradient_checkpointing"]:
-        args.pop("gradient_checkpointing")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        args.update(distributed_args(recipe, cuda))
+    args = trainer_args(recipe, checkpoints, cuda, dtype_name, total_steps, default_lr=5e-6)
+    if recipe.get("gradient_checkpointing"):
+        args["gradient_checkpointing"] = True
     return args
 
 

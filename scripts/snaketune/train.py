@@ -241,6 +241,11 @@ def prepare_model(model, recipe: dict, cuda: bool):
     return model
 
 
+def sharded(recipe: dict) -> bool:
+    """Whether the recipe shards the model over processes (FSDP2 or DeepSpeed)."""
+    return recipe.get("distributed", {}).get("strategy") in ("fsdp", "deepspeed")
+
+
 def single_process_group() -> None:
     """FSDP and DeepSpeed need a process group even on one GPU: make this process rank 0 of 1."""
     import socket
@@ -251,6 +256,42 @@ def single_process_group() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def trainer_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, total_steps: int,
+                 default_lr: float = 1e-4) -> dict:
+    """TrainingArguments keywords from a recipe (shared by train and align): optimiser, schedule,
+    checkpoints, seeds, precision, and the multi-process strategy when there is one."""
+    seed = recipe.get("seed", 0)
+    args = dict(
+        output_dir=str(checkpoints),
+        max_steps=total_steps,
+        per_device_train_batch_size=recipe.get("batch_size", 8),
+        gradient_accumulation_steps=recipe.get("gradient_accumulation_steps", 1),
+        learning_rate=recipe.get("learning_rate", default_lr),
+        lr_scheduler_type=recipe.get("lr_scheduler", "cosine"),
+        warmup_steps=recipe.get("warmup_ratio", 0.0),  # a float < 1 is a ratio (transformers 5)
+        weight_decay=recipe.get("weight_decay", 0.0),
+        max_grad_norm=recipe.get("max_grad_norm", 1.0),
+        logging_steps=recipe.get("logging_steps", 10),
+        save_strategy="steps",
+        save_steps=recipe.get("save_steps", 200),
+        save_total_limit=2,
+        seed=seed,
+        data_seed=seed,
+        full_determinism=not cuda or recipe.get("deterministic", False),
+        bf16=dtype_name == "bf16",
+        fp16=dtype_name == "fp16",
+        use_cpu=not cuda,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    if sharded(recipe) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args.update(distributed_args(recipe, cuda))
+    return args
 
 
 def distributed_args(recipe: dict, cuda: bool) -> dict:
@@ -356,8 +397,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     stage = recipe.get("stage", "sft")
     train_type = recipe.get("train_type", "lora")
     seed = recipe.get("seed", 0)
-    sharded = recipe.get("distributed", {}).get("strategy") in ("fsdp", "deepspeed")
-    if sharded:
+    if sharded(recipe):
         single_process_group()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     checkpoints = Path(checkpoints or Path(out).with_name(Path(out).name + ".checkpoints"))
@@ -379,34 +419,8 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     accum = recipe.get("gradient_accumulation_steps", 1)
     steps_per_epoch = math.ceil(len(dataset) / (batch * accum * world))
     total_steps = recipe.get("max_steps") or math.ceil(steps_per_epoch * recipe.get("epochs", 1))
-    args = TrainingArguments(
-        output_dir=str(checkpoints),
-        max_steps=total_steps,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accum,
-        learning_rate=recipe.get("learning_rate", 1e-4),
-        lr_scheduler_type=recipe.get("lr_scheduler", "cosine"),
-        warmup_steps=recipe.get("warmup_ratio", 0.0),
-        weight_decay=recipe.get("weight_decay", 0.0),
-        max_grad_norm=recipe.get("max_grad_norm", 1.0),
-        logging_steps=recipe.get("logging_steps", 10),
-        save_strategy="steps",
-        save_steps=recipe.get("save_steps", 200),
-        save_total_limit=2,
-        seed=seed,
-        data_seed=seed,
-        full_determinism=not cuda or recipe.get("deterministic", False),
-        bf16=dtype_name == "bf16",
-        fp16=dtype_name == "fp16",
-        use_cpu=not cuda,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
-        include_num_input_tokens_seen="non_padding",
-        report_to="none",
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        **(distributed_args(recipe, cuda) if sharded or world > 1 else {}),
-    )
+    args = TrainingArguments(**trainer_args(recipe, checkpoints, cuda, dtype_name, total_steps),
+                             remove_unused_columns=False)
     preempted = Preempted()
     trainer = Trainer(
         model=model,
