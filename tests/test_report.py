@@ -133,6 +133,18 @@ def test_report_and_terminal_summary_agree_on_every_number(report):
     assert all(r["max_rss_mb"] and r["tokens_per_s"] for r in numbers["training"])
     # and the report embeds exactly that table
     assert base64.b64encode(table.encode()).decode() in out.read_text()
+    # serving columns: the summary's throughput cell is the figure's point at the top concurrency
+    head = md_cells(summary_md)[0]
+    if "serve tok/s" in head:
+        col = head.index("serve tok/s")
+        served = {(r["model"], r["variant"]): r["serving"] for r in rows if r.get("serving")}
+        assert served and numbers["serving"], "the small study serves sft-lora"
+        for cells in md_cells(summary_md)[1:]:
+            serving = served.get((cells[0], cells[1]))
+            if serving:
+                run = next(r for r in numbers["serving"] if r["name"].startswith(f"{cells[0]}/{cells[1]} ("))
+                top = run["output_tokens_per_s"][run["concurrency"].index(max(run["concurrency"]))]
+                assert cells[col] == f"{top:.0f}" == f"{serving['output_tokens_per_s']:.0f}"
     # which is the table the run printed in the terminal when it ended
     printed = (work / "snakemake.stdout").read_text()
     assert summary_md.strip() in printed

@@ -549,11 +549,12 @@ def _init_tracking(run_dir: Path) -> None:
     """Create the run's MLflow SQLite schema before any job: concurrent first jobs race on it."""
     import logging
 
-    for name in ("alembic", "mlflow"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     import mlflow
 
     from snaketune.tracking import _setup
+
+    for name in ("alembic", "mlflow"):  # after the import: mlflow sets its own level on import
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     (run_dir / "results").mkdir(parents=True, exist_ok=True)
     _setup(mlflow, f"sqlite:///{(run_dir / 'results' / 'mlflow.db').resolve()}", "verify-init")
