@@ -178,6 +178,7 @@ def plot_throughput(train: list[dict], serving: list[dict], path: Path) -> None:
         ax = axes[0, 2]
         for r in serving:
             ax.plot(r["concurrency"], [v or 0 for v in r["output_tokens_per_s"]], marker="o", label=r["name"])
+        ax.set_xticks(sorted({c for r in serving for c in r["concurrency"]}))
         ax.set_title("serving throughput")
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel("output tokens / s")
