@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -r requirements.txt -r -c constraints.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
@@ -52,7 +52,7 @@ lint: setup
 	$(BIN)/snakemake --lint
 
 report: setup
-	$(BIN)/snakemake --report results/report.html
+	$(BIN)/snakemake --cores $(CORES) && $(BIN)/snakemake --report results/report.html
 
 clean:
 	rm -rf results .snakemake

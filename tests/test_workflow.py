@@ -99,6 +99,6 @@ def test_changing_one_recipe_reruns_only_its_dependants(default_study, tmp_path)
     before = untouched.stat().st_mtime_ns
     result = snakemake(work)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert jobs_run(result) == ["all", "evaluate", "evaluate", "merge_adapter", "quantize", "summary",
-                                "train_adapter"]
+    assert jobs_run(result) == ["all", "evaluate", "evaluate", "merge_adapter", "plots", "quantize",
+                                "serving_bench", "serving_bench", "summary", "train_adapter"]
     assert untouched.stat().st_mtime_ns == before
