@@ -403,7 +403,7 @@ def mlflow_runs(workdir: Path) -> dict:
         out = {{}}
         for r in mlflow.search_runs(search_all_experiments=True, output_format="list"):
             metrics = {{k: v for k, v in r.data.metrics.items()
-                        if not re.search(r"runtime|per_second|per_s|seconds|time|flos|duration|_s$", k)}}
+                        if not re.search(r"runtime|per_second|per_s|seconds|time|flos|duration|_s$|_ms$|ttft|tpot|latency", k)}}
             out.setdefault(r.data.tags.get("snakemake.job", r.info.run_name), []).append([r.info.status, metrics])
         print(json.dumps({{k: sorted(v, key=json.dumps) for k, v in out.items()}}))
     ''')
