@@ -27,6 +27,7 @@
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
+PARKED="$CONF_DIR/slurm.conf.stopped"  # see park_config
 RUN_DIR=/run/slurm
 LOG_DIR=/var/log/slurm
 STATE_DIR=/var/lib/slurm
@@ -98,6 +99,7 @@ cmd_configure() {
         die "cannot create character devices for $GPUS stand-in GPUs (mknod failed); use SNAKETUNE_SLURM_GPUS=1"
     fi
     local def_mem=$((MEM_MB / CPUS))
+    if [ ! -e "$CONF_DIR/slurm.conf" ] && [ -f "$PARKED" ]; then mv -f "$PARKED" "$CONF_DIR/slurm.conf"; fi
     write_managed "$CONF_DIR/slurm.conf" <<CONF
 $MARKER
 # A single-node test cluster on localhost. Not for production.
@@ -215,8 +217,24 @@ wait_node_ready() {
     die "node $NODE not ready (state: ${state:-unknown})"
 }
 
+# While the cluster is stopped its slurm.conf is parked as slurm.conf.stopped: with Slurm installed,
+# configured and down, every client command (and so the import of the Snakemake Slurm plugin, which
+# runs `scontrol show config`, i.e. every `snakemake` call) waits MessageTimeout (~9 s) for the
+# absent slurmctld; without a slurm.conf it fails at once.
+unpark_config() {
+    if [ -f "$CONF_DIR/slurm.conf" ]; then rm -f "$PARKED"
+    elif [ -f "$PARKED" ]; then mv -f "$PARKED" "$CONF_DIR/slurm.conf"; fi
+}
+
+park_config() {
+    if [ -f "$CONF_DIR/slurm.conf" ] && grep -qF "$MARKER" "$CONF_DIR/slurm.conf"; then
+        mv -f "$CONF_DIR/slurm.conf" "$PARKED"
+    fi
+}
+
 cmd_start() {
     need_root
+    unpark_config
     [ -f "$CONF_DIR/slurm.conf" ] || cmd_configure
     mkdir -p "$RUN_DIR" "$LOG_DIR" "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd"
     start_munged
@@ -254,6 +272,7 @@ cmd_stop() {
     stop_pidfile slurmd "$RUN_DIR/slurmd.pid"
     stop_pidfile slurmctld "$RUN_DIR/slurmctld.pid"
     stop_pidfile munged "$MUNGE_RUN/munged.pid"
+    park_config
 }
 
 cmd_status() {
@@ -262,6 +281,7 @@ cmd_status() {
         if pid_alive "${d#*:}"; then echo "${d%%:*}: running (pid $(cat "${d#*:}"))"
         else echo "${d%%:*}: stopped"; ok=1; fi
     done
+    [ -f "$CONF_DIR/slurm.conf" ] || { echo "slurm.conf: parked (cluster stopped)"; ok=1; }
     if [ $ok = 0 ]; then
         sinfo -o '%P %a %D %T %c %m %G' || ok=1
         case "$(node_state || true)" in idle | mixed | allocated | completing) ;; *) ok=1 ;; esac
