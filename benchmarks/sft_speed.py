@@ -37,7 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 LORA = {"train_type": "lora", "lora": {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}
-FULL = {"train_type": "full"}
+# Full rows hold bf16 weights and AdamW states like the baseline (``master_weights: dtype``); the
+# `-fp32m` rows keep fp32 master weights under bf16 autocast, the recipe default.
+FULL = {"train_type": "full", "master_weights": "dtype"}
+FULL32 = {"train_type": "full", "master_weights": "fp32"}
 FAST = {"fused_ce": True, "fast_lora": True, "packing": True}
 
 # name: (size, train, mode, batch, baseline gc, snaketune recipe or None for a baseline row)
@@ -54,6 +57,8 @@ PLAN = [
     ("st-1.5b-full-8", "1.5b", "full", "pack", 8, False, {**FULL, **FAST, **C4K}),
     ("st-1.5b-full-8-vr", "1.5b", "full", "pack", 8, False, {**FULL, **FAST, **C4K, "varlen_rows": True}),
     ("st-1.5b-full-12", "1.5b", "full", "pack", 12, False, {**FULL, **FAST, **C4K}),
+    ("st-1.5b-full-4-fp32m", "1.5b", "full", "pack", 4, False, {**FULL32, **FAST, **C4K}),
+    ("st-1.5b-full-12-fp32m", "1.5b", "full", "pack", 12, False, {**FULL32, **FAST, **C4K}),
     ("base-0.5b-full-8", "0.5b", "full", "pack", 8, False, None),
     ("st-0.5b-full-8", "0.5b", "full", "pack", 8, False, {**FULL, **FAST, **C4K}),
     ("base-0.5b-lora-16", "0.5b", "lora", "pack", 16, False, None),
@@ -199,6 +204,8 @@ def run_snaketune(bl, size, train_type, mode, bs, recipe, seq=2048, steps=12, wa
     free_memory()
     rng = random.Random(0)
     m = bl.build(size)
+    if train_type == "full" and recipe.get("master_weights", "fp32") == "fp32":
+        m = m.float()  # as train.load_model loads full recipes: fp32 master weights, bf16 autocast
     n_params = sum(p.numel() for p in m.parameters())
     n_nonemb = n_params - m.model.embed_tokens.weight.numel()
     m, how = prepare(m, recipe)

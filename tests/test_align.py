@@ -279,6 +279,8 @@ def test_lora_family_reference_and_resume(train_type, sft_model, arith, tmp_path
     assert first["reference"] == {"dora": "base with the adapter disabled",
                                   "pissa": "base with a frozen copy of the initial adapter"}[train_type]
     assert not (out / "ref").exists() and (out / "adapter_config.json").is_file()
+    # PiSSA is saved converted, as a plain LoRA (rank 2r) for the original base
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == {"dora": 8, "pissa": 16}[train_type]
     again = align(str(sft_model), [str(arith)], {**recipe, "max_steps": 3}, str(tmp_path / "out2"), str(ckpt),
                   Recorder())
     assert again["resumed_from"].endswith("checkpoint-2") and again["steps"] == 3

@@ -211,3 +211,46 @@ def test_fsdp2_single_process_matches_plain_training(tiny_model, tiny_data, tmp_
     losses = json.loads(result.stdout.split("LOSSES", 1)[1])
     assert losses == pytest.approx([h["loss"] for h in plain["log_history"] if "loss" in h], rel=1e-4)
     assert (tmp_path / "fsdp/model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("master, expected", [("fp32", "torch.float32"), ("dtype", "torch.bfloat16")])
+def test_full_recipes_keep_fp32_master_weights_unless_told_otherwise(master, expected, tiny_model):
+    import torch
+
+    from snaketune.train import load_model
+
+    recipe = {**RECIPE, "train_type": "full", "dtype": "bf16", "master_weights": master}
+    model = load_model(str(tiny_model), recipe, torch.bfloat16, cuda=False)
+    assert {str(p.dtype) for p in model.parameters()} == {expected}
+    lora = load_model(str(tiny_model), {**recipe, "train_type": "lora"}, torch.bfloat16, cuda=False)
+    assert {str(p.dtype) for p in lora.parameters()} == {"torch.bfloat16"}  # frozen base in dtype
+
+
+@pytest.mark.parametrize("train_type", ["pissa", "olora"])
+def test_base_rewriting_adapters_are_saved_as_plain_lora_on_the_original_base(train_type, tiny_model, tiny_data, tmp_path):
+    """PiSSA/OLoRA train on a rewritten base; the saved adapter, loaded on the original base, must
+    compute what the trained model computed (its last checkpoint, on the rewritten base)."""
+    import torch
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from snaketune.train import wrap_model
+
+    recipe = {**RECIPE, "train_type": train_type, "lora": {"r": 4, "alpha": 8}}
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    summary = train(str(tiny_model), [str(tiny_data)], recipe, str(out), str(ckpt))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True and "adapter_converted_from" in summary
+
+    ids = torch.arange(3, 40).reshape(1, -1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        plain = base(ids).logits
+        saved = PeftModel.from_pretrained(base, out)(ids).logits
+    trained = wrap_model(AutoModelForCausalLM.from_pretrained(tiny_model), recipe)  # rewrites the base again
+    set_peft_model_state_dict(trained, load_file(ckpt / "checkpoint-12" / "adapter_model.safetensors"))
+    with torch.no_grad():
+        reference = trained(ids).logits
+    assert (saved - plain).abs().max() > 1e-3  # the adapter changes the model
+    assert torch.allclose(saved, reference, atol=1e-4), (saved - reference).abs().max()

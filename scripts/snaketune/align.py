@@ -42,8 +42,8 @@ import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
-from snaketune.train import (EXIT_REQUEUE, LORA_TYPES, Preempted, trainer_args, latest_checkpoint, load_model,
-                             make_callback, pick_dtype, read_jsonl, save, wrap_model)
+from snaketune.train import (EXIT_REQUEUE, LORA_TYPES, Preempted, keep_initial_adapter, latest_checkpoint, load_model,
+                             make_callback, pick_dtype, read_jsonl, save, trainer_args, wrap_model)
 
 PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "cpo", "rm")
 STAGES = PREFERENCE_STAGES + ("kto", "grpo")
@@ -468,6 +468,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         model = load_reward_backbone(base, recipe, tokenizer, dtype)
     else:
         model, peft_config = load_policy(base, recipe, dtype, stage in ("dpo", "kto", "grpo"))
+    initial_adapter = keep_initial_adapter(model, recipe, checkpoints)  # PiSSA/OLoRA only
     fit_logprob_tiles(model.config.get_text_config().vocab_size)
 
     batch = recipe.get("batch_size", 8)
@@ -532,7 +533,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
             summary[f"first_{key}"], summary[f"final_{key}"] = first, last
     if "ref" in getattr(trainer.model, "peft_config", {}):  # trl's frozen copy of the initial adapter
         trainer.model.delete_adapter("ref")
-    save(trainer, tokenizer, summary, Path(out))  # train's: gathers shards, rank 0 renames into place
+    save(trainer, tokenizer, summary, Path(out), initial_adapter)  # train's: gathers shards, rank 0 renames into place
     return summary
 
 

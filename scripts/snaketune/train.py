@@ -31,6 +31,7 @@ from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 
 LORA_TYPES = ("lora", "qlora", "dora", "rslora", "pissa", "olora")
+BASE_REWRITING = ("pissa", "olora")  # their init rewrites the base weights (see keep_initial_adapter)
 FULL_TYPES = ("full", "freeze")
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpoint written, rerun to resume
 
@@ -151,13 +152,14 @@ def pick_dtype(recipe: dict, cuda: bool):
 
 
 def load_model(base: str, recipe: dict, dtype, cuda: bool):
-    """Load the base model: fp32 master weights for full/freeze, the frozen base in ``dtype`` for
-    the LoRA family, or 4/8-bit through bitsandbytes for ``qlora``."""
+    """Load the base model: for full/freeze fp32 master weights (``master_weights: fp32``) or
+    weights in ``dtype`` (``master_weights: dtype``, pure bf16 as torchtune does), the frozen base
+    in ``dtype`` for the LoRA family, or 4/8-bit through bitsandbytes for ``qlora``."""
     from transformers import AutoModelForCausalLM
 
-    if recipe.get("train_type") in FULL_TYPES:
-        # trained weights stay fp32 (master weights); bf16/fp16 runs compute under autocast.
-        # Pure-bf16 weights lose AdamW updates to rounding (benchmarks/NOTES.md, strategies run).
+    if recipe.get("train_type") in FULL_TYPES and recipe.get("master_weights", "fp32") == "fp32":
+        # trained weights stay fp32; bf16/fp16 runs compute under autocast. Pure-bf16 weights lose
+        # AdamW updates smaller than bf16's precision (benchmarks/NOTES.md, strategies run).
         import torch
 
         return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -225,6 +227,28 @@ def wrap_model(model, recipe: dict):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def keep_initial_adapter(model, recipe: dict, checkpoints: Path) -> Path | None:
+    """PiSSA/OLoRA move the adapter's part of each weight out of the base at init, so their adapter
+    fits only that rewritten base. Keep the initial adapter (once, beside the checkpoints) so that
+    ``save`` can convert the trained one into a plain LoRA on the original base (peft's weight
+    conversion). None for the other train types."""
+    if recipe.get("train_type") not in BASE_REWRITING:
+        return None
+    if sharded(recipe):
+        raise SnaketuneError(f"train_type {recipe['train_type']} cannot be saved as a plain LoRA from FSDP/DeepSpeed "
+                             "shards: use distributed.strategy ddp (or none), or train_type lora")
+    folder = checkpoints / "initial-adapter"
+    if int(os.environ.get("RANK", "0")) == 0 and not folder.exists():
+        config = model.peft_config["default"]
+        init, config.init_lora_weights = config.init_lora_weights, True  # reload it as saved, no re-init
+        partial = folder.with_name(".initial-adapter.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        config.init_lora_weights = init
+        os.replace(partial, folder)
+    return folder
 
 
 def prepare_model(model, recipe: dict, cuda: bool):
@@ -411,6 +435,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
 
     torch.manual_seed(seed)
     model = prepare_model(load_model(base, recipe, dtype, cuda), recipe, cuda)
+    initial_adapter = keep_initial_adapter(model, recipe, checkpoints)
     speedups = kernels.resolve_options(recipe, cuda)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -467,19 +492,26 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "data": data_stats,
         "log_history": trainer.state.log_history,
     }
-    save(trainer, tokenizer, summary, Path(out))
+    save(trainer, tokenizer, summary, Path(out), initial_adapter)
     return summary
 
 
-def save(trainer, tokenizer, summary: dict, out: Path) -> None:
+def save(trainer, tokenizer, summary: dict, out: Path, initial_adapter: Path | None = None) -> None:
     """Save through the trainer (it gathers FSDP/ZeRO-3 shards) into a temporary sibling that rank 0
-    completes and renames into place."""
+    completes and renames into place. With ``initial_adapter`` (PiSSA/OLoRA) the adapter is saved
+    converted: a plain LoRA of rank 2r that applies to the original base."""
     partial = out.with_name(f".{out.name}.partial")
     if trainer.is_world_process_zero() and partial.exists():
         shutil.rmtree(partial)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(partial))
     if trainer.is_world_process_zero():
+        if initial_adapter:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            model.save_pretrained(str(partial), path_initial_model_for_weight_conversion=str(initial_adapter))
+            summary["adapter_converted_from"] = "rank-r adapter on the rewritten base (PiSSA/OLoRA)"
+            print(f"saved as a plain LoRA of rank {model.peft_config['default'].r * 2} on the original base "
+                  "(peft weight conversion)", flush=True)
         tokenizer.save_pretrained(partial)
         (partial / "training_args.bin").unlink(missing_ok=True)
         write_json(partial / "training.json", summary)
