@@ -12,6 +12,8 @@ import pytest
 from snaketune.train import EXIT_REQUEUE, tokenize_dataset, tokenize_pt, tokenize_sft, train
 from snaketune.errors import SnaketuneError
 
+from conftest import read_jsonl
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
@@ -71,8 +73,10 @@ def _train_cmd(tiny_model, tiny_data, out, ckpt, recipe):
             "--params", json.dumps(recipe), "--out", str(out), "--checkpoints", str(ckpt)]
 
 
-def test_sigterm_checkpoints_and_rerun_resumes_to_the_same_adapter(tiny_model, tiny_data, tmp_path):
-    """Preempt a run with SIGTERM, rerun it, and compare with an uninterrupted run."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGKILL], ids=lambda s: s.name)
+def test_interrupted_run_resumes_to_the_same_adapter(sig, tiny_model, tiny_data, tmp_path):
+    """Stop a run mid-way (SIGTERM/SIGUSR1 as Slurm sends: checkpoint and exit 75; SIGKILL: no
+    warning, the last periodic checkpoint), rerun it, and compare with an uninterrupted run."""
     from safetensors.torch import load_file
 
     recipe = {**RECIPE, "train_type": "lora", "max_steps": 40, "save_steps": 5}
@@ -83,15 +87,19 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_same_adapter(tiny_model, t
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(_train_cmd(tiny_model, tiny_data, out, ckpt, recipe), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # wait until training is under way, then preempt
-        if line.startswith("step 8/"):
-            proc.send_signal(signal.SIGTERM)
+    for line in proc.stdout:  # wait until training is under way (past checkpoint-10), then stop it
+        if line.startswith("step 12/"):
+            proc.send_signal(sig)
             break
     rest = proc.communicate(timeout=300)[0]
-    assert proc.returncode == EXIT_REQUEUE, rest
-    assert "rerun to resume" in rest and not out.exists()
+    assert not out.exists()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == EXIT_REQUEUE, rest
+        assert "rerun to resume" in rest
     saved = sorted(ckpt.glob("checkpoint-*"))
-    assert saved, "no checkpoint written on SIGTERM"
+    assert saved, f"no checkpoint left after {sig.name}"
 
     done = subprocess.run(_train_cmd(tiny_model, tiny_data, out, ckpt, recipe), env=env,
                           capture_output=True, text=True, timeout=300)
@@ -254,3 +262,44 @@ def test_base_rewriting_adapters_are_saved_as_plain_lora_on_the_original_base(tr
         reference = trained(ids).logits
     assert (saved - plain).abs().max() > 1e-3  # the adapter changes the model
     assert torch.allclose(saved, reference, atol=1e-4), (saved - reference).abs().max()
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tiny_model, tiny_data, tmp_path):
+    """batch 8 x 2 accumulation steps trains the same weights as batch 16 (same samples per step)."""
+    from safetensors.torch import load_file
+
+    recipe = {**RECIPE, "train_type": "full", "max_steps": 4, "logging_steps": 1}
+    big = train(str(tiny_model), [str(tiny_data)], {**recipe, "batch_size": 16}, str(tmp_path / "a"), str(tmp_path / "ca"))
+    acc = train(str(tiny_model), [str(tiny_data)], {**recipe, "batch_size": 8, "gradient_accumulation_steps": 2},
+                str(tmp_path / "b"), str(tmp_path / "cb"))
+    curve = lambda s: [h["loss"] for h in s["log_history"] if "loss" in h]  # noqa: E731
+    assert curve(acc) == pytest.approx(curve(big), rel=1e-4)
+    a, b = load_file(tmp_path / "a/model.safetensors"), load_file(tmp_path / "b/model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_mixed_datasets_with_a_sample_cap(tiny_model, tiny_data, tmp_path):
+    """Two datasets in one recipe (the second capped at 30 rows, ms-swift's ``name#30``)."""
+    from snaketune.data import prepare
+
+    capped = tmp_path / "capped"
+    prepare({"source": "synthetic", "max_operand": 9, "n_test": 5, "seed": 3, "samples": 30}, capped)
+    assert len(read_jsonl(capped / "train.jsonl")) == 30
+    n_first = len(read_jsonl(tiny_data / "train.jsonl"))
+    summary = train(str(tiny_model), [str(tiny_data), str(capped)], {**RECIPE, "train_type": "lora", "max_steps": 2},
+                    str(tmp_path / "out"), str(tmp_path / "ckpt"))
+    assert summary["data"]["samples"] == n_first + 30
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_recipes_train_on_cpu(dtype, tiny_model, tiny_data, tmp_path):
+    """dtype bf16/fp16: LoRA on a half-precision base, full fine-tuning with fp32 master weights
+    under autocast; both learn and save."""
+    from safetensors.torch import load_file
+
+    for train_type in ("lora", "full"):
+        out = tmp_path / train_type
+        summary = train(str(tiny_model), [str(tiny_data)], {**RECIPE, "train_type": train_type, "dtype": dtype},
+                        str(out), str(tmp_path / f"{train_type}.ckpt"))
+        assert summary["dtype"] == dtype and summary["final_loss"] < summary["first_loss"], summary
+    assert {str(t.dtype) for t in load_file(tmp_path / "full/model.safetensors").values()} == {"torch.float32"}

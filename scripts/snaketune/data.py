@@ -268,7 +268,11 @@ def build(params: dict) -> tuple[dict[str, list[dict]], list[str]]:
     """
     source = params.get("source", "synthetic")
     if source == "synthetic":
-        return addition_task(params), []
+        splits = addition_task(params)
+        if params.get("samples"):
+            for train_split, _ in SPLITS.values():
+                splits[train_split] = splits[train_split][: params["samples"]]
+        return splits, []
     fmt, skip, seed = params.get("format", "messages"), params.get("skip_bad_rows", False), params.get("seed", 0)
     if source in ("hf", "modelscope"):
         where = f"{params['repo']}[{params.get('split', 'train')}]"
