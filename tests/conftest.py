@@ -15,10 +15,13 @@ TINY = dict(source="tiny", hidden_size=32, intermediate_size=64, num_hidden_laye
 
 @pytest.fixture(autouse=True)
 def _isolated_tracking(tmp_path, monkeypatch):
-    """Every test logs MLflow runs to its own SQLite file, never to results/."""
+    """Every test logs MLflow runs to its own SQLite file, never to results/. The variable
+    MLFLOW_TRACKING_URI is removed again afterwards: ``mlflow.set_tracking_uri`` (called by any
+    in-process step) exports it, and a later workflow run would then log there."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("SNAKETUNE_TRACKING", json.dumps({"uri": uri, "experiment": "test"}))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # recorded as absent before, so restored as absent
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +53,8 @@ def snakemake(workdir, *args, timeout=1800):
     """Run the workflow on ``workdir/config.yaml`` with the test venv's tools first on PATH."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow/Snakefile"),
            "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {k: v for k, v in os.environ.items() if k not in ("SNAKETUNE_TRACKING", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the study logs to its results/mlflow.db
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

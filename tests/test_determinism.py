@@ -45,7 +45,8 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.Comp
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow/Snakefile"),
            "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("SNAKETUNE_TRACKING", None)  # the workflow says where to log (results/mlflow.db of the run)
+    for key in ("SNAKETUNE_TRACKING", "MLFLOW_TRACKING_URI"):  # the study logs to its results/mlflow.db
+        env.pop(key, None)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
 
 
