@@ -49,25 +49,142 @@ def read_jsonl(path):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def snakemake(workdir, *args, timeout=1800):
-    """Run the workflow on ``workdir/config.yaml`` with the test venv's tools first on PATH."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow/Snakefile"),
-           "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+def workflow_env() -> dict:
+    """The environment of a workflow run: the test venv's tools first on PATH, and no tracking
+    variables, so that the study logs to its own results/mlflow.db."""
     env = {k: v for k, v in os.environ.items() if k not in ("SNAKETUNE_TRACKING", "MLFLOW_TRACKING_URI")}
-    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the study logs to its results/mlflow.db
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return env
+
+
+def snakemake_cmd(workdir, *args) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow/Snakefile"),
+            "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+
+
+def snakemake(workdir, *args, timeout=1800):
+    """Run the workflow on ``workdir/config.yaml``."""
+    return subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True, timeout=timeout,
+                          env=workflow_env())
+
+
+def init_tracking(workdir: Path) -> None:
+    """Create the MLflow SQLite schema before a run: two first jobs starting at once race on it."""
+    code = "import mlflow, sys; mlflow.set_tracking_uri('sqlite:///' + sys.argv[1]); mlflow.search_experiments()"
+    (workdir / "results").mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", code, str(workdir / "results/mlflow.db")], check=True,
+                   capture_output=True, env=workflow_env())
+
+
+def small_config() -> dict:
+    """config.yaml shrunk to about two minutes on two shared cores (pt 2 epochs, LoRA SFT 20 steps,
+    variants base and sft-lora, 50 eval samples, a short serving run); seeds and all else as is."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["recipes"]["pt"].update(epochs=2, logging_steps=5)
+    config["recipes"]["sft-lora"].update(max_steps=20, logging_steps=5)
+    config["benches"]["arith"]["limit"] = 50
+    config["evaluation"]["variants"] = ["base", "sft-lora"]
+    config["serving"].update(variants=["sft-lora"], concurrency=[1, 2], requests=4)
+    return config
+
+
+class Study:
+    """A workflow run in a directory of its own. Studies that the collected tests need start in
+    the background as soon as collection ends (a study is mostly a chain of one-thread jobs, so
+    the unit tests use the other core meanwhile); the first test that needs one waits for it."""
+
+    def __init__(self, name: str, config: str, *targets: str):
+        import tempfile
+
+        self.work = Path(tempfile.mkdtemp(prefix=f"snaketune-{name}-"))
+        (self.work / "config.yaml").write_text(config)
+        self.targets, self.proc, self.result = targets, None, None
+
+    def start(self) -> "Study":
+        init_tracking(self.work)
+        self.log = open(self.work / "snakemake.out", "w+")
+        self.proc = subprocess.Popen(snakemake_cmd(self.work, *self.targets), env=workflow_env(), cwd=self.work,
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        return self
+
+    def wait(self, timeout: int = 2400) -> subprocess.CompletedProcess:
+        if self.result is None:
+            if self.proc is None:
+                self.start()
+            self.proc.wait(timeout)
+            self.log.seek(0)
+            self.result = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.log.read(), "")
+            self.log.close()
+        assert self.result.returncode == 0, self.result.stdout[-6000:]
+        return self.result
+
+
+def _studies() -> dict:
+    import yaml
+
+    small = yaml.safe_dump(small_config(), sort_keys=False)
+    return {"default_study": lambda: Study("default", (ROOT / "config.yaml").read_text()),
+            "small_study": lambda: Study("small-a", small, "bundle"),  # bundle: plots and the bundle too
+            "small_study_b": lambda: Study("small-b", small)}
+
+
+STUDIES: dict[str, Study] = {}
+
+
+def pytest_collection_finish(session):
+    """Start, in the background, every study that a collected test needs, and let test modules
+    start their own background work (a module-level ``background_start(wanted_fixtures)``)."""
+    if session.config.option.collectonly:
+        return
+    wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    for name, make in _studies().items():
+        if name in wanted:
+            STUDIES[name] = make().start()
+    for module in {item.module for item in session.items if hasattr(item, "module")}:
+        if hasattr(module, "background_start"):
+            module.background_start(wanted)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop studies still running (an interrupted session); keep the folders of a failed one."""
+    import shutil
+
+    for study in STUDIES.values():
+        if study.proc is not None and study.proc.poll() is None:
+            study.proc.terminate()
+            study.proc.wait(60)
+        if exitstatus == 0:
+            shutil.rmtree(study.work, ignore_errors=True)
+
+
+def _study(name: str) -> Study:
+    if name not in STUDIES:
+        STUDIES[name] = _studies()[name]()
+    STUDIES[name].wait()
+    return STUDIES[name]
 
 
 @pytest.fixture(scope="session")
-def default_study(tmp_path_factory):
-    """The default study (config.yaml as it is) run once locally; shared by the tests that need a
-    finished study (workflow, Slurm comparison, determinism, report, bundle). Do not modify it:
-    copy it first (see ``copy_study``)."""
-    work = tmp_path_factory.mktemp("default-study")
-    (work / "config.yaml").write_text((ROOT / "config.yaml").read_text())
-    result = snakemake(work)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    return work, result
+def default_study():
+    """The default study (config.yaml as it is); shared by the tests that need a finished study
+    (workflow, Slurm comparison). Do not modify it: copy it first (see ``copy_study``)."""
+    study = _study("default_study")
+    return study.work, study.result
+
+
+@pytest.fixture(scope="session")
+def small_study() -> Path:
+    """The small study (``small_config``) run through `bundle`, so plots and the bundle exist;
+    shared by the determinism, bundle and report tests. Do not modify it."""
+    return _study("small_study").work
+
+
+@pytest.fixture(scope="session")
+def small_study_b() -> Path:
+    """A second run of the small study in another directory, for the determinism tests."""
+    return _study("small_study_b").work
 
 
 def copy_study(src: Path, dest: Path) -> Path:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from snaketune.bundle import check_manifest, compare, sha256_file, table, tolerance_for, write_tar
-from test_determinism import MODEL, small_study
+from test_determinism import MODEL
 
 STUDY = "demo"
 
@@ -50,9 +50,8 @@ def test_compare_within_and_outside_tolerance():
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    work = small_study(tmp_path_factory)
-    path = work / f"results/bundles/{STUDY}.tar.gz"
+def bundle(small_study) -> Path:
+    path = small_study / f"results/bundles/{STUDY}.tar.gz"
     assert path.is_file()
     return path
 

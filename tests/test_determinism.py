@@ -3,73 +3,19 @@ metrics, loss curves, summary tables and weights (base model, full fine-tune, Lo
 
 The study is config.yaml shrunk to about two minutes on two shared cores (pt 2 epochs, LoRA SFT 20
 steps, variants base and sft-lora, 50 eval samples); everything else, seeds included, is the
-default config. ``small_study`` is shared with test_bundle.py and test_report.py (built once).
+default config (``conftest.small_config``); both runs start in the background at collection.
 """
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ROOT
+from conftest import ROOT, snakemake
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-qwen2"
-
-
-def small_config() -> dict:
-    config = yaml.safe_load((ROOT / "config.yaml").read_text())
-    config["recipes"]["pt"].update(epochs=2, logging_steps=5)
-    config["recipes"]["sft-lora"].update(max_steps=20, logging_steps=5)
-    config["benches"]["arith"]["limit"] = 50
-    config["evaluation"]["variants"] = ["base", "sft-lora"]
-    if "serving" in config:  # one short serving benchmark, for the report's throughput figure
-        config["serving"].update(variants=["sft-lora"], concurrency=[1, 2], requests=4)
-    return config
-
-
-def init_tracking(workdir: Path) -> None:
-    """Create the MLflow SQLite schema before the run: two first jobs starting at once race on it."""
-    code = ("import mlflow, sys; mlflow.set_tracking_uri('sqlite:///' + sys.argv[1]); mlflow.search_experiments()")
-    (workdir / "results").mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-c", code, str(workdir / "results/mlflow.db")], check=True,
-                   capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow/Snakefile"),
-           "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    for key in ("SNAKETUNE_TRACKING", "MLFLOW_TRACKING_URI"):  # the study logs to its results/mlflow.db
-        env.pop(key, None)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
-
-
-def run_small_study(workdir: Path, *targets: str) -> subprocess.CompletedProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(small_config(), sort_keys=False))
-    init_tracking(workdir)
-    result = snakemake(workdir, *targets)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    return result
-
-
-_STUDIES: dict[str, Path] = {}
-
-
-def small_study(tmp_path_factory) -> Path:
-    """The small study, run once per test session through `bundle` (so plots and the bundle exist)."""
-    if "a" not in _STUDIES:
-        work = tmp_path_factory.mktemp("study-a")
-        result = run_small_study(work, "bundle")
-        (work / "snakemake.stdout").write_text(result.stdout)  # the terminal summary is printed there
-        _STUDIES["a"] = work
-    return _STUDIES["a"]
 
 
 def sha256(path: Path) -> str:
@@ -84,11 +30,8 @@ def eval_metrics(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    a = small_study(tmp_path_factory)
-    b = tmp_path_factory.mktemp("study-b")
-    run_small_study(b)
-    return a, b
+def two_runs(small_study, small_study_b):
+    return small_study, small_study_b
 
 
 def test_eval_json_metrics_are_identical(two_runs):

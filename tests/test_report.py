@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from snaketune.report import benchmark_rss, score_table
-from test_determinism import MODEL, snakemake, small_study
+from conftest import snakemake
+from test_determinism import MODEL
 
 FIGURES = ("loss.png", "eval_scores.png", "throughput_memory.png")
 
@@ -69,8 +70,8 @@ def test_benchmark_rss_reads_snakemake_tsv(tmp_path):
 # ------------------------------------------------------------------------------------- slow
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    work = small_study(tmp_path_factory)
+def report(small_study):
+    work = small_study
     out = work / "report.html"
     result = snakemake(work, "--report", str(out), "plots")
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
@@ -146,7 +147,7 @@ def test_report_and_terminal_summary_agree_on_every_number(report):
                 top = run["output_tokens_per_s"][run["concurrency"].index(max(run["concurrency"]))]
                 assert cells[col] == f"{top:.0f}" == f"{serving['output_tokens_per_s']:.0f}"
     # which is the table the run printed in the terminal when it ended
-    printed = (work / "snakemake.stdout").read_text()
+    printed = (work / "snakemake.out").read_text()
     assert summary_md.strip() in printed
 
 

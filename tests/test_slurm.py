@@ -20,7 +20,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -142,28 +144,53 @@ def _sh(*cmd, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, timeout=timeout, capture_output=True, text=True, **kw)
 
 
+class Cluster:
+    """The test cluster, brought up once per session by whatever needs it first (a test, or the
+    background run of the default study) and stopped when the session ends if it started it."""
+
+    _lock = threading.Lock()
+    state: SimpleNamespace | None = None
+
+    @classmethod
+    def up(cls) -> SimpleNamespace:
+        with cls._lock:
+            if cls.state is None:
+                cls.state = cls._start()
+            return cls.state
+
+    @staticmethod
+    def _start() -> SimpleNamespace:
+        why = _why_no_cluster()
+        if why:
+            return SimpleNamespace(ok=False, why=why)
+        was_running = _sh(str(CLUSTER), "status", check=False).returncode == 0
+        t0 = time.monotonic()
+        up = _sh(str(CLUSTER), "up", check=False, timeout=900)
+        if up.returncode != 0:
+            return SimpleNamespace(ok=False, why=f"ci/slurm/cluster.sh up failed:\n{up.stdout}\n{up.stderr}")
+        startup = time.monotonic() - t0
+        print(f"\n[slurm] cluster up in {startup:.1f} s (was running: {was_running})", file=sys.stderr)
+        return SimpleNamespace(ok=True, startup_s=startup, was_running=was_running)
+
+    @classmethod
+    def stop(cls) -> None:
+        with cls._lock:
+            if cls.state is not None and cls.state.ok and not cls.state.was_running:
+                _sh(str(CLUSTER), "stop", check=False, timeout=300)
+            cls.state = None
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    why = _why_no_cluster()
-    if why:
+    state = Cluster.up()
+    if not state.ok:
         if WANT == "1":
-            pytest.fail(f"SNAKETUNE_SLURM=1 but the Slurm cluster cannot be started: {why}")
-        pytest.skip(why)
-    was_running = _sh(str(CLUSTER), "status", check=False).returncode == 0
-    t0 = time.monotonic()
-    up = _sh(str(CLUSTER), "up", check=False, timeout=900)
-    if up.returncode != 0:
-        msg = f"ci/slurm/cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
-        if WANT == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    startup = time.monotonic() - t0
-    print(f"\n[slurm] cluster up in {startup:.1f} s (was running: {was_running})", file=sys.stderr)
+            pytest.fail(f"SNAKETUNE_SLURM=1 but the Slurm cluster cannot be started: {state.why}")
+        pytest.skip(state.why)
     try:
-        yield SimpleNamespace(startup_s=startup, was_running=was_running)
+        yield state
     finally:
-        if not was_running:
-            _sh(str(CLUSTER), "stop", check=False, timeout=300)
+        Cluster.stop()
 
 
 def _env() -> dict:
@@ -288,6 +315,7 @@ TOY_TRAIN = textwrap.dedent('''
 
 @pytest.fixture
 def toy(tmp_path):
+    DEFAULT_RUN.wait_if_started()
     (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
     (tmp_path / "toy_train.py").write_text(TOY_TRAIN)
     return tmp_path
@@ -462,19 +490,67 @@ def run_with_preemption_drill(workdir: Path, args: list[str], timeout: int = 180
     return p, drilled
 
 
+class SlurmDefaultRun:
+    """The default study through profiles/slurm-ci, with the preemption drill, in a thread that
+    starts as soon as the tests are collected (``background_start``): it waits on Slurm's polling
+    most of the time, so the other tests run meanwhile."""
+
+    def __init__(self):
+        self.thread = self.result = self.error = None
+
+    def start(self) -> "SlurmDefaultRun":
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="slurm-default-run", daemon=True)
+            self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            if not Cluster.up().ok:
+                return  # the slurm_cluster fixture skips or fails with the reason
+            work = Path(tempfile.mkdtemp(prefix="snaketune-slurm-"))
+            slurm_config(ROOT / "config.yaml", work)
+            init_mlflow_db(work)
+            p, drilled = run_with_preemption_drill(work, ["-s", str(SNAKEFILE), "--profile", str(PROFILE_CI)])
+            self.result = SimpleNamespace(work=work, p=p, drilled=drilled)
+        except Exception as err:  # noqa: BLE001 - re-raised in the test
+            self.error = err
+
+    def wait(self) -> SimpleNamespace:
+        self.start().thread.join()
+        if self.error:
+            raise self.error
+        return self.result
+
+    def wait_if_started(self) -> None:
+        """Tests with workflows of their own wait for it: one stand-in GPU, two cores."""
+        if self.thread is not None:
+            self.thread.join()
+
+
+DEFAULT_RUN = SlurmDefaultRun()
+
+
+def background_start(wanted: set[str]) -> None:
+    """Called by conftest.py once the tests are collected, with every fixture they use."""
+    if "slurm_default_run" in wanted:
+        DEFAULT_RUN.start()
+
+
+@pytest.fixture(scope="session")
+def slurm_default_run(slurm_cluster) -> SimpleNamespace:
+    return DEFAULT_RUN.wait()
+
+
 @pytest.mark.slurm
 @pytest.mark.skipif(not SNAKEFILE.exists(), reason="workflow/Snakefile not written yet")
-def test_default_workflow_through_slurm_equals_a_local_run(slurm_cluster, default_study, tmp_path):
+def test_default_workflow_through_slurm_equals_a_local_run(slurm_default_run, default_study):
     """The default study through profiles/slurm-ci, with its adapter training requeued in the
     middle: every rule is a Slurm job (GPU rules in the H100 partition, with a GPU request), the
     training resumes from its checkpoint, and models, evaluations and MLflow runs equal those of the
     local run of the same study (the shared `default_study` fixture)."""
     local, _ = default_study
-    slurm = tmp_path / "slurm"
-    slurm.mkdir()
-    slurm_config(local / "config.yaml", slurm)
-    init_mlflow_db(slurm)
-    p_slurm, drilled = run_with_preemption_drill(slurm, ["-s", str(SNAKEFILE), "--profile", str(PROFILE_CI)])
+    slurm, p_slurm, drilled = slurm_default_run.work, slurm_default_run.p, slurm_default_run.drilled
     assert p_slurm.returncode == 0, p_slurm.stdout[-4000:]
     print(f"[slurm] default workflow via Slurm: {p_slurm.wall_s:.0f} s", file=sys.stderr)
 

@@ -303,3 +303,16 @@ def test_half_precision_recipes_train_on_cpu(dtype, tiny_model, tiny_data, tmp_p
                         str(out), str(tmp_path / f"{train_type}.ckpt"))
         assert summary["dtype"] == dtype and summary["final_loss"] < summary["first_loss"], summary
     assert {str(t.dtype) for t in load_file(tmp_path / "full/model.safetensors").values()} == {"torch.float32"}
+
+
+def test_checkpoints_of_another_recipe_are_not_resumed(tiny_model, tiny_data, tmp_path, capsys):
+    """A rerun with a changed recipe key starts over (the old checkpoints are removed, with the
+    reason printed); a rerun with the same recipe resumes."""
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 8, "save_steps": 4}
+    ckpt = tmp_path / "ckpt"
+    train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "a"), str(ckpt))
+    again = train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "b"), str(ckpt))
+    assert again["resumed_from"].endswith("checkpoint-8")
+    changed = train(str(tiny_model), [str(tiny_data)], {**recipe, "learning_rate": 1e-3}, str(tmp_path / "c"), str(ckpt))
+    assert changed["resumed_from"] is None and changed["steps"] == 8
+    assert "recipe keys changed: learning_rate): starting over" in capsys.readouterr().out

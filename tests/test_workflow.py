@@ -97,8 +97,14 @@ def test_changing_one_recipe_reruns_only_its_dependants(default_study, tmp_path)
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     untouched = work / f"results/{MODEL}/pt/eval/arith.json"
     before = untouched.stat().st_mtime_ns
+    adapter = work / f"results/{MODEL}/sft-lora/adapter/adapter_model.safetensors"
+    old_adapter = adapter.read_bytes()
     result = snakemake(work)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert jobs_run(result) == ["all", "evaluate", "evaluate", "merge_adapter", "plots", "quantize",
                                 "serving_bench", "serving_bench", "summary", "train_adapter"]
     assert untouched.stat().st_mtime_ns == before
+    # trained anew for 100 steps, not resumed from the 600-step run's checkpoints
+    training = json.loads((work / f"results/{MODEL}/sft-lora/adapter/training.json").read_text())
+    assert training["steps"] == 100 and training["resumed_from"] is None, training["resumed_from"]
+    assert adapter.read_bytes() != old_adapter

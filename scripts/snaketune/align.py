@@ -42,8 +42,9 @@ import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
-from snaketune.train import (EXIT_REQUEUE, LORA_TYPES, Preempted, keep_initial_adapter, latest_checkpoint, load_model,
-                             make_callback, pick_dtype, read_jsonl, save, trainer_args, wrap_model)
+from snaketune.train import (EXIT_REQUEUE, LORA_TYPES, Preempted, claim_checkpoints, inputs_fingerprint,
+                             keep_initial_adapter, latest_checkpoint, load_model, make_callback, pick_dtype,
+                             read_jsonl, save, trainer_args, wrap_model)
 
 PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "cpo", "rm")
 STAGES = PREFERENCE_STAGES + ("kto", "grpo")
@@ -450,6 +451,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         torch.set_num_threads(recipe.get("threads", 1))
     dtype_name, dtype = pick_dtype(recipe, cuda)
     checkpoints = Path(checkpoints or Path(out).with_name(Path(out).name + ".checkpoints"))
+    claim_checkpoints(checkpoints, inputs_fingerprint(recipe, [base, *data]))
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:

@@ -393,6 +393,41 @@ def make_callback(run, preempted: Preempted, total_steps: int):
     return Progress()
 
 
+def inputs_fingerprint(recipe: dict, inputs: list[str]) -> dict:
+    """What a run's checkpoints belong to: the recipe and the identity (path, size, mtime) of every
+    input file, so a regenerated base model or dataset counts as new without hashing weights."""
+    files = {}
+    for top in map(Path, inputs):
+        for f in sorted(top.rglob("*") if top.is_dir() else [top]):
+            if f.is_file():
+                st = f.stat()
+                files[str(f)] = [st.st_size, st.st_mtime_ns]
+    return {"recipe": recipe, "inputs": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()}
+
+
+def claim_checkpoints(folder: Path, fingerprint: dict) -> None:
+    """Resume only from checkpoints of the same recipe and inputs. When Snakemake reruns a training
+    job because a recipe key or an input changed, checkpoints left by the earlier configuration
+    are removed (and the reason printed) instead of being resumed from."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    stamp = folder / "fingerprint.json"
+    if folder.is_dir() and any(folder.iterdir()):
+        old = json.loads(stamp.read_text()) if stamp.is_file() else None
+        if old == fingerprint:
+            return
+        if old is None:
+            why = "they carry no fingerprint"
+        else:
+            keys = sorted(k for k in set(old["recipe"]) | set(fingerprint["recipe"])
+                          if old["recipe"].get(k) != fingerprint["recipe"].get(k))
+            why = f"recipe keys changed: {', '.join(keys)}" if keys else "the base model or data changed"
+        print(f"checkpoints in {folder} are from another configuration ({why}): starting over", flush=True)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, fingerprint)
+
+
 def latest_checkpoint(folder: Path) -> str | None:
     """The newest complete Trainer checkpoint under ``folder`` (has trainer_state.json)."""
     if not folder.is_dir():
@@ -425,6 +460,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         single_process_group()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     checkpoints = Path(checkpoints or Path(out).with_name(Path(out).name + ".checkpoints"))
+    claim_checkpoints(checkpoints, inputs_fingerprint(recipe, [base, *data]))
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
