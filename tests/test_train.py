@@ -28,7 +28,7 @@ def test_sft_labels_cover_exactly_the_assistant_turns(tokenizer):
             {"role": "assistant", "content": "4"}]
     row = tokenize_sft(msgs, tokenizer, 512)
     supervised = tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100])
-    assert supervised == "3<|im_end|>\n4<|im_end|>\n"
+    assert supervised == "3<|im_end|>4<|im_end|>"  # not the newline the template adds after a turn
     assert row["input_ids"] == tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
 
 

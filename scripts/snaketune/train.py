@@ -31,6 +31,7 @@ from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 
 LORA_TYPES = ("lora", "qlora", "dora", "rslora", "pissa", "olora")
+LABELS_VERSION = 2  # of tokenize_sft's label policy; part of the tokenized-cache key
 BASE_REWRITING = ("pissa", "olora")  # their init rewrites the base weights (see keep_initial_adapter)
 FULL_TYPES = ("full", "freeze")
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpoint written, rerun to resume
@@ -45,8 +46,9 @@ def tokenize_sft(messages: list[dict], tokenizer, max_length: int, system: str |
     """Tokenize one conversation with the chat template; labels only on assistant turns.
 
     Every assistant turn (content and end-of-turn marker) is supervised; system, user and tool
-    turns and the template's role headers are masked with -100. ``system`` is prepended as the
-    system prompt to conversations that have none.
+    turns, the template's role headers and the whitespace it puts after an end-of-turn marker
+    (ChatML's newline, which generation never produces since it stops at the marker) are masked
+    with -100. ``system`` is prepended as the system prompt to conversations that have none.
     """
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
@@ -56,7 +58,7 @@ def tokenize_sft(messages: list[dict], tokenizer, max_length: int, system: str |
         if msg["role"] != "assistant":
             continue
         start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False).rstrip())
         spans.append((start, end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
@@ -117,6 +119,7 @@ def cache_key(data_dirs: list[Path], stage: str, base: str, tokenizer, recipe: d
         "max_length": recipe.get("max_length", 2048),
         "truncation": recipe.get("truncation", "truncate"),
         "system": recipe.get("system"),
+        "labels": LABELS_VERSION,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
