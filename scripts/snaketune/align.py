@@ -291,9 +291,12 @@ def load_reward_backbone(base: str, recipe: dict, tokenizer, dtype):
 
 
 def completion_logps(model, tokenizer, prompts: list[list[dict]], completions: list[list[dict]],
-                     batch_size: int = 32) -> list[float]:
+                     batch_size: int = 32, as_trained: bool = False) -> list[float]:
     """Summed log-probability of each completion (assistant turn, end-of-turn marker included)
-    given its chat prompt: the quantity whose chosen-minus-rejected difference DPO rewards."""
+    given its chat prompt: the quantity whose chosen-minus-rejected difference DPO rewards.
+
+    The whitespace a template puts after the end-of-turn marker (ChatML's newline) is left out,
+    as SFT leaves it out of its labels; ``as_trained=True`` keeps it, as trl's trainers count it."""
     import torch
 
     seqs, starts = [], []
@@ -302,7 +305,8 @@ def completion_logps(model, tokenizer, prompts: list[list[dict]], completions: l
         full = tokenizer.apply_chat_template(p + c, tokenize=False)
         assert full.startswith(head), "chat template does not extend the prompt"
         h = tokenizer(head, add_special_tokens=False)["input_ids"]
-        ids = h + tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+        tail = full[len(head):] if as_trained else full[len(head):].rstrip()
+        ids = h + tokenizer(tail, add_special_tokens=False)["input_ids"]
         seqs.append(ids)
         starts.append(len(h))
     out = []
