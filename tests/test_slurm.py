@@ -237,9 +237,10 @@ def rule_gpus(output: str) -> dict:
     return out
 
 
-def assert_jobs_went_through_slurm(p: subprocess.CompletedProcess) -> list[dict]:
+def assert_jobs_went_through_slurm(p: subprocess.CompletedProcess, jobs: list[dict] | None = None) -> list[dict]:
+    """``jobs``: slurm_jobs() taken when the run ended (squeue forgets finished jobs after MinJobAge)."""
     output = p.stdout + p.stderr
-    jobs = slurm_jobs(output)
+    jobs = slurm_jobs(output) if jobs is None else jobs
     gpus = rule_gpus(output)
     local_rules = set(re.findall(r"^localrule (\w+):", output, re.M))
     submitted = len(re.findall(r"has been submitted with SLURM jobid", output))
@@ -512,7 +513,8 @@ class SlurmDefaultRun:
             slurm_config(ROOT / "config.yaml", work)
             init_mlflow_db(work)
             p, drilled = run_with_preemption_drill(work, ["-s", str(SNAKEFILE), "--profile", str(PROFILE_CI)])
-            self.result = SimpleNamespace(work=work, p=p, drilled=drilled)
+            jobs = slurm_jobs(p.stdout) if p.returncode == 0 else None  # now, while squeue still lists them
+            self.result = SimpleNamespace(work=work, p=p, drilled=drilled, jobs=jobs)
         except Exception as err:  # noqa: BLE001 - re-raised in the test
             self.error = err
 
@@ -554,7 +556,7 @@ def test_default_workflow_through_slurm_equals_a_local_run(slurm_default_run, de
     assert p_slurm.returncode == 0, p_slurm.stdout[-4000:]
     print(f"[slurm] default workflow via Slurm: {p_slurm.wall_s:.0f} s", file=sys.stderr)
 
-    jobs = assert_jobs_went_through_slurm(p_slurm)
+    jobs = assert_jobs_went_through_slurm(p_slurm, slurm_default_run.jobs)
     assert any(j["partition"] == GPU_PARTITION for j in jobs), "no GPU-declared rule in the workflow?"
 
     # the preemption drill: same Slurm job ran twice, the second time from the checkpoint

@@ -22,7 +22,7 @@
 #   SNAKETUNE_SLURM_CPUS      declared CPUs of the node          (default 16)
 #   SNAKETUNE_SLURM_MEM_MB    declared memory of the node in MB  (default 64000)
 #   SNAKETUNE_SLURM_GPUS      stand-in H100s on the node         (default 1)
-#   SNAKETUNE_SLURM_MINJOBAGE seconds finished jobs stay in squeue (default 600; >= 3x the
+#   SNAKETUNE_SLURM_MINJOBAGE seconds finished jobs stay in squeue (default 3600, so tests can read them; >= 3x the
 #                             plugin's init-seconds-before-status-checks, see profiles/slurm-ci)
 set -euo pipefail
 
@@ -39,7 +39,7 @@ CONFIG_CHANGED=0
 CPUS="${SNAKETUNE_SLURM_CPUS:-16}"
 MEM_MB="${SNAKETUNE_SLURM_MEM_MB:-64000}"
 GPUS="${SNAKETUNE_SLURM_GPUS:-1}"
-MINJOBAGE="${SNAKETUNE_SLURM_MINJOBAGE:-600}"
+MINJOBAGE="${SNAKETUNE_SLURM_MINJOBAGE:-3600}"
 NODE="$(hostname -s)"
 
 log() { echo "[slurm-ci] $*" >&2; }
