@@ -30,6 +30,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from conftest import init_tracking
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "ci" / "slurm" / "cluster.sh"
 PROFILE_SLURM = ROOT / "profiles" / "slurm"
@@ -439,16 +441,6 @@ def mlflow_runs(workdir: Path) -> dict:
     return json.loads(_sh(sys.executable, "-c", code, timeout=300).stdout.strip().splitlines()[-1])
 
 
-def init_mlflow_db(workdir: Path) -> None:
-    """Create results/mlflow.db before the run. Two jobs that start at once and both create the
-    database race on its schema (sqlalchemy IntegrityError); that is tracking's business, not the
-    Slurm profile's, so these tests start from a created database."""
-    (workdir / "results").mkdir(exist_ok=True)
-    code = (f"import mlflow; mlflow.set_tracking_uri('sqlite:///{workdir}/results/mlflow.db'); "
-            "mlflow.search_experiments()")
-    _sh(sys.executable, "-c", code, timeout=300)
-
-
 def _checkpoint_steps(folder: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in folder.glob("checkpoint-*/trainer_state.json"))
 
@@ -511,7 +503,7 @@ class SlurmDefaultRun:
                 return  # the slurm_cluster fixture skips or fails with the reason
             work = Path(tempfile.mkdtemp(prefix="snaketune-slurm-"))
             slurm_config(ROOT / "config.yaml", work)
-            init_mlflow_db(work)
+            init_tracking(work)  # as the local studies: two first jobs would race on the schema
             p, drilled = run_with_preemption_drill(work, ["-s", str(SNAKEFILE), "--profile", str(PROFILE_CI)])
             jobs = slurm_jobs(p.stdout) if p.returncode == 0 else None  # now, while squeue still lists them
             self.result = SimpleNamespace(work=work, p=p, drilled=drilled, jobs=jobs)
