@@ -414,6 +414,7 @@ def claim_checkpoints(folder: Path, fingerprint: dict) -> None:
     are removed (and the reason printed) instead of being resumed from."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples become lists)
     stamp = folder / "fingerprint.json"
     if folder.is_dir() and any(folder.iterdir()):
         old = json.loads(stamp.read_text()) if stamp.is_file() else None
