@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,7 @@ class Study:
         self.work = Path(tempfile.mkdtemp(prefix=f"snaketune-{name}-"))
         (self.work / "config.yaml").write_text(config)
         self.targets, self.proc, self.result = targets, None, None
+        self._lock = threading.Lock()  # waited for by tests and by background work that needs it
 
     def start(self) -> "Study":
         init_tracking(self.work)
@@ -110,13 +112,14 @@ class Study:
         return self
 
     def wait(self, timeout: int = 2400) -> subprocess.CompletedProcess:
-        if self.result is None:
-            if self.proc is None:
-                self.start()
-            self.proc.wait(timeout)
-            self.log.seek(0)
-            self.result = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.log.read(), "")
-            self.log.close()
+        with self._lock:
+            if self.result is None:
+                if self.proc is None:
+                    self.start()
+                self.proc.wait(timeout)
+                self.log.seek(0)
+                self.result = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.log.read(), "")
+                self.log.close()
         assert self.result.returncode == 0, self.result.stdout[-6000:]
         return self.result
 
@@ -159,9 +162,14 @@ def pytest_sessionfinish(session, exitstatus):
             shutil.rmtree(study.work, ignore_errors=True)
 
 
-def _study(name: str) -> Study:
-    if name not in STUDIES:
-        STUDIES[name] = _studies()[name]()
+_STUDIES_LOCK = threading.Lock()
+
+
+def finished_study(name: str) -> Study:
+    """The finished study ``name`` (a key of ``_studies``), started now if it is not running."""
+    with _STUDIES_LOCK:
+        if name not in STUDIES:
+            STUDIES[name] = _studies()[name]()
     STUDIES[name].wait()
     return STUDIES[name]
 
@@ -170,7 +178,7 @@ def _study(name: str) -> Study:
 def default_study():
     """The default study (config.yaml as it is); shared by the tests that need a finished study
     (workflow, Slurm comparison). Do not modify it: copy it first (see ``copy_study``)."""
-    study = _study("default_study")
+    study = finished_study("default_study")
     return study.work, study.result
 
 
@@ -178,13 +186,13 @@ def default_study():
 def small_study() -> Path:
     """The small study (``small_config``) run through `bundle`, so plots and the bundle exist;
     shared by the determinism, bundle and report tests. Do not modify it."""
-    return _study("small_study").work
+    return finished_study("small_study").work
 
 
 @pytest.fixture(scope="session")
 def small_study_b() -> Path:
     """A second run of the small study in another directory, for the determinism tests."""
-    return _study("small_study_b").work
+    return finished_study("small_study_b").work
 
 
 def copy_study(src: Path, dest: Path) -> Path:

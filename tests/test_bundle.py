@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 import tarfile
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
 from snaketune.bundle import check_manifest, compare, sha256_file, table, tolerance_for, write_tar
+from conftest import finished_study
 from test_determinism import MODEL
 
 STUDY = "demo"
@@ -123,9 +126,55 @@ def test_bundle_holds_everything_the_issue_lists(unpacked):
     assert "loss.png" in report and "eval_scores.png" in report
 
 
+class BackgroundVerify:
+    """`verify` of the small study's bundle in a thread that starts when the tests are collected
+    (``background_start``): it waits for the small study, then re-runs it from the bundle in a
+    clean directory while the other tests go on."""
+
+    def __init__(self):
+        self.thread = self.result = self.error = self.tmp = None
+
+    def start(self) -> "BackgroundVerify":
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="bundle-verify", daemon=True)
+            self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            work = finished_study("small_study").work
+            self.tmp = Path(tempfile.mkdtemp(prefix="snaketune-verify-"))
+            self.result = verify(work / f"results/bundles/{STUDY}.tar.gz", self.tmp / "verify")
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test
+            self.error = err
+
+    def wait(self) -> subprocess.CompletedProcess:
+        self.start().thread.join()
+        if self.error:
+            raise self.error
+        return self.result
+
+
+VERIFY = BackgroundVerify()
+
+
+def background_start(wanted: set[str]) -> None:
+    """Called by conftest.py once the tests are collected, with every fixture they use."""
+    if "verified" in wanted:
+        VERIFY.start()
+
+
+@pytest.fixture(scope="module")
+def verified():
+    import shutil
+
+    yield VERIFY.wait()
+    shutil.rmtree(VERIFY.tmp, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_verify_reproduces_the_study_in_a_clean_directory(bundle, tmp_path):
-    result = verify(bundle, tmp_path / "verify")
+def test_verify_reproduces_the_study_in_a_clean_directory(verified):
+    result = verified
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
     assert "bundle hash check:" in out and "REPRODUCED" in out
