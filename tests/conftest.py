@@ -136,6 +136,17 @@ def _studies() -> dict:
 STUDIES: dict[str, Study] = {}
 
 
+# fixtures that wait for work started in the background (here and in test modules' background_start);
+# `toy` (test_slurm) waits for the Slurm run to leave the test cluster free
+WAITS_FOR_BACKGROUND = {"default_study", "small_study", "small_study_b", "verified", "slurm_default_run", "toy"}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that wait for background work run last (otherwise in their usual order), so that the
+    other tests fill the wait."""
+    items.sort(key=lambda item: bool(WAITS_FOR_BACKGROUND & set(getattr(item, "fixturenames", ()))))
+
+
 def pytest_collection_finish(session):
     """Start, in the background, every study that a collected test needs, and let test modules
     start their own background work (a module-level ``background_start(wanted_fixtures)``)."""
