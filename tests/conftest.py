@@ -173,6 +173,36 @@ def pytest_sessionfinish(session, exitstatus):
             shutil.rmtree(study.work, ignore_errors=True)
 
 
+class Background:
+    """A function run once in a daemon thread (started at collection by a module's
+    ``background_start``); ``wait`` returns its result or re-raises its error in the test."""
+
+    def __init__(self, name: str, fn):
+        self.name, self.fn, self.thread, self.result, self.error = name, fn, None, None, None
+
+    def _run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised by wait()
+            self.error = err
+
+    def start(self) -> "Background":
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self.thread.start()
+        return self
+
+    def join_if_started(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+    def wait(self):
+        self.start().thread.join()
+        if self.error:
+            raise self.error
+        return self.result
+
+
 _STUDIES_LOCK = threading.Lock()
 
 

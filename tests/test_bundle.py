@@ -7,14 +7,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
 from snaketune.bundle import check_manifest, compare, sha256_file, table, tolerance_for, write_tar
-from conftest import finished_study
+from conftest import Background, finished_study
 from test_determinism import MODEL
 
 STUDY = "demo"
@@ -126,36 +125,16 @@ def test_bundle_holds_everything_the_issue_lists(unpacked):
     assert "loss.png" in report and "eval_scores.png" in report
 
 
-class BackgroundVerify:
-    """`verify` of the small study's bundle in a thread that starts when the tests are collected
-    (``background_start``): it waits for the small study, then re-runs it from the bundle in a
-    clean directory while the other tests go on."""
-
-    def __init__(self):
-        self.thread = self.result = self.error = self.tmp = None
-
-    def start(self) -> "BackgroundVerify":
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name="bundle-verify", daemon=True)
-            self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            work = finished_study("small_study").work
-            self.tmp = Path(tempfile.mkdtemp(prefix="snaketune-verify-"))
-            self.result = verify(work / f"results/bundles/{STUDY}.tar.gz", self.tmp / "verify")
-        except BaseException as err:  # noqa: BLE001 - re-raised in the test
-            self.error = err
-
-    def wait(self) -> subprocess.CompletedProcess:
-        self.start().thread.join()
-        if self.error:
-            raise self.error
-        return self.result
+def verify_small_study() -> tuple[Path, subprocess.CompletedProcess]:
+    """`verify` of the small study's bundle in a clean directory, run in the background from
+    collection on (``background_start``): it waits for the small study, then re-runs it from the
+    bundle while the other tests go on."""
+    work = finished_study("small_study").work
+    tmp = Path(tempfile.mkdtemp(prefix="snaketune-verify-"))
+    return tmp, verify(work / f"results/bundles/{STUDY}.tar.gz", tmp / "verify")
 
 
-VERIFY = BackgroundVerify()
+VERIFY = Background("bundle-verify", verify_small_study)
 
 
 def background_start(wanted: set[str]) -> None:
@@ -168,8 +147,9 @@ def background_start(wanted: set[str]) -> None:
 def verified():
     import shutil
 
-    yield VERIFY.wait()
-    shutil.rmtree(VERIFY.tmp, ignore_errors=True)
+    tmp, result = VERIFY.wait()
+    yield result
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import init_tracking
+from conftest import Background, init_tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "ci" / "slurm" / "cluster.sh"
@@ -318,7 +318,7 @@ TOY_TRAIN = textwrap.dedent('''
 
 @pytest.fixture
 def toy(tmp_path):
-    DEFAULT_RUN.wait_if_started()
+    DEFAULT_RUN.join_if_started()  # one stand-in GPU, two cores: let the default study's run finish
     (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
     (tmp_path / "toy_train.py").write_text(TOY_TRAIN)
     return tmp_path
@@ -483,46 +483,22 @@ def run_with_preemption_drill(workdir: Path, args: list[str], timeout: int = 180
     return p, drilled
 
 
-class SlurmDefaultRun:
-    """The default study through profiles/slurm-ci, with the preemption drill, in a thread that
-    starts as soon as the tests are collected (``background_start``): it waits on Slurm's polling
-    most of the time, so the other tests run meanwhile."""
-
-    def __init__(self):
-        self.thread = self.result = self.error = None
-
-    def start(self) -> "SlurmDefaultRun":
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name="slurm-default-run", daemon=True)
-            self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            if not Cluster.up().ok:
-                return  # the slurm_cluster fixture skips or fails with the reason
-            work = Path(tempfile.mkdtemp(prefix="snaketune-slurm-"))
-            slurm_config(ROOT / "config.yaml", work)
-            init_tracking(work)  # as the local studies: two first jobs would race on the schema
-            p, drilled = run_with_preemption_drill(work, ["-s", str(SNAKEFILE), "--profile", str(PROFILE_CI)])
-            jobs = slurm_jobs(p.stdout) if p.returncode == 0 else None  # now, while squeue still lists them
-            self.result = SimpleNamespace(work=work, p=p, drilled=drilled, jobs=jobs)
-        except Exception as err:  # noqa: BLE001 - re-raised in the test
-            self.error = err
-
-    def wait(self) -> SimpleNamespace:
-        self.start().thread.join()
-        if self.error:
-            raise self.error
-        return self.result
-
-    def wait_if_started(self) -> None:
-        """Tests with workflows of their own wait for it: one stand-in GPU, two cores."""
-        if self.thread is not None:
-            self.thread.join()
+def run_default_study_through_slurm() -> SimpleNamespace | None:
+    """The default study through profiles/slurm-ci, with the preemption drill, run in the
+    background from collection on (``background_start``): it waits on Slurm's polling most of the
+    time, so the other tests run meanwhile. None when there is no cluster (the slurm_cluster
+    fixture then skips or fails with the reason)."""
+    if not Cluster.up().ok:
+        return None
+    work = Path(tempfile.mkdtemp(prefix="snaketune-slurm-"))
+    slurm_config(ROOT / "config.yaml", work)
+    init_tracking(work)  # as the local studies: two first jobs would race on the schema
+    p, drilled = run_with_preemption_drill(work, ["-s", str(SNAKEFILE), "--profile", str(PROFILE_CI)])
+    jobs = slurm_jobs(p.stdout) if p.returncode == 0 else None  # now, while squeue still lists them
+    return SimpleNamespace(work=work, p=p, drilled=drilled, jobs=jobs)
 
 
-DEFAULT_RUN = SlurmDefaultRun()
+DEFAULT_RUN = Background("slurm-default-run", run_default_study_through_slurm)
 
 
 def background_start(wanted: set[str]) -> None:
