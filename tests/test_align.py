@@ -83,7 +83,9 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-# key parameters per method: 100 steps, lr 1e-3, full fine-tuning
+# key parameters per method: 100 steps, lr 1e-4, full fine-tuning. At lr 1e-3 the methods overshoot
+# on this task (every answer drifts upwards; KTO then ends below the start, 0.78 -> 0.76), see
+# docs/align.md.
 METHODS = {
     "dpo": {"beta": 0.5},
     "kto": {"beta": 0.5},
@@ -98,7 +100,7 @@ def test_preference_method_raises_heldout_accuracy_and_margins(stage, sft_model,
     from transformers import AutoTokenizer
 
     run = Recorder()
-    recipe = {"stage": stage, "train_type": "full", "learning_rate": 1e-3, "lr_scheduler": "constant",
+    recipe = {"stage": stage, "train_type": "full", "learning_rate": 1e-4, "lr_scheduler": "constant",
               "batch_size": 16, "max_steps": 100, "logging_steps": 10, "seed": 0, **METHODS[stage]}
     out = tmp_path / "out"
     summary = align(str(sft_model), [str(arith)], recipe, str(out), str(tmp_path / "ckpt"), run)
@@ -106,13 +108,8 @@ def test_preference_method_raises_heldout_accuracy_and_margins(stage, sft_model,
     print(f"{stage}: held-out preference accuracy {start['accuracy']:.3f} -> {after['accuracy']:.3f}, "
           f"margin {start['margin']:.2f} -> {after['margin']:.2f}; logged reward margin "
           f"{run.metrics['margins'][0]:.3f} -> {run.metrics['margins'][-1]:.3f}")
-    if stage == "kto":
-        # Unpaired KTO widens the held-out gap between right and wrong answers (mean margin) but
-        # does not raise the share of pairs ranked right on this task (0.78 -> 0.76 over a sweep
-        # of lr, beta and steps; see the issue note), so its test asserts the margin.
-        assert after["margin"] > start["margin"]
-    else:
-        assert after["accuracy"] > start["accuracy"]
+    assert after["accuracy"] > start["accuracy"]
+    assert after["margin"] > start["margin"]
     assert mean(run.metrics["margins"][-3:]) > mean(run.metrics["margins"][:3])
     for key in ("loss", "rewards/chosen", "rewards/rejected", "margins", "learning_rate"):
         assert len(run.metrics[key]) == 10, key
