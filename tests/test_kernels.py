@@ -61,6 +61,27 @@ def test_fused_ce_num_items_in_batch():
     torch.testing.assert_close(out, total / 20)
 
 
+def test_fused_ce_fp32_master_weights_under_autocast():
+    """fp32 hidden states and LM head under bf16 autocast (master_weights: fp32): the loss equals the
+    unfused autocast computation and the gradients come back in fp32 (before: a dtype error)."""
+    torch.manual_seed(3)
+    h = torch.randn(2, 16, 32, requires_grad=True)
+    w = torch.randn(50, 32, requires_grad=True)
+    y = torch.randint(0, 50, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = (h @ w.t()).float()
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), y[:, 1:].reshape(-1))
+        ref.backward()
+        gh, gw = h.grad.clone(), w.grad.clone()
+        h.grad = w.grad = None
+        out = kernels.fused_linear_cross_entropy(h, w, y, chunk_tokens=7, compiled=False)
+        out.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(h.grad, gh, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(w.grad, gw, rtol=2e-2, atol=1e-3)
+
+
 def test_model_fused_ce_loss_and_grads():
     ref = tiny_qwen2()
     fast = kernels.apply_speedups(copy.deepcopy(ref), {"fused_ce": True, "ce_chunk_tokens": 7})

@@ -259,9 +259,11 @@ def load_reward_backbone(base: str, recipe: dict, tokenizer, dtype):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(recipe.get("seed", 0))  # the new score head is initialised from the seed
+    train_type = recipe.get("train_type", "lora")
+    if train_type in ("full", "freeze") and recipe.get("master_weights", "fp32") == "fp32":
+        dtype = torch.float32  # trained weights stay fp32 (bf16 runs compute under autocast), as in train
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
-    train_type = recipe.get("train_type", "lora")
     if train_type == "full":
         return model
     if train_type == "freeze":

@@ -153,6 +153,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
+    if torch.is_autocast_enabled(h.device.type):
+        # fp32 master weights under autocast: the LM head's matmul runs in the autocast dtype, as
+        # the unfused linear would; the casts hand fp32 gradients back to hidden and weight
+        half = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(half), weight.to(half)
     if impl == "liger":  # Liger-Kernel's Triton FLCE, where installed (benchmark comparison)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -387,7 +392,12 @@ def _varlen_reference(q, k, v, cu, scale):
 def varlen_attention(q, k, v, cu_seq_lens, max_len, scale):
     """Causal attention within each segment of [T, H, D] tensors (segments from ``cu_seq_lens``)."""
     fn, kind = _VARLEN, _VARLEN_KIND
-    if fn is None or not q.is_cuda:
+    if q.is_cuda and q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # fp32 master weights under autocast: RoPE returns q/k in the fp32 residual dtype, and the
+        # flash kernel takes only 16-bit inputs; cast as autocast does for sdpa
+        half = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    if fn is None or not q.is_cuda or q.dtype == torch.float32:
         return _varlen_reference(q, k, v, cu_seq_lens, scale)
     kw: dict[str, Any] = {"scale": scale}
     if kind["window"]:
