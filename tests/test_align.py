@@ -183,7 +183,8 @@ def test_reward_model_ranks_heldout_pairs(sft_model, arith, tmp_path):
     """stage rm: a sequence-classification model whose score ranks held-out pairs well above chance,
     usable as a GRPO reward. The score reads the last token, so the 2-layer model has to check the
     sum digit by digit there: it starts from a longer-trained SFT model (800 steps, ~70% exact match)
-    and trains on every kind of wrong answer of each training sum."""
+    and trains on every kind of wrong answer of each training sum. The score is read at the
+    end-of-turn marker (rows rendered up to it), as the reward function reads generated answers."""
     from snaketune.rewards import build_reward, load_reward_model
     from snaketune.train import train
 
@@ -202,15 +203,16 @@ def test_reward_model_ranks_heldout_pairs(sft_model, arith, tmp_path):
                 fh.write(json.dumps({"prompt": m[:-1], "chosen": [m[-1]], "rejected": [
                     {"role": "assistant", "content": str(int(m[-1]["content"]) + d)}]}) + "\n")
     run = Recorder()
-    recipe = {"stage": "rm", "train_type": "full", "learning_rate": 2e-3, "batch_size": 16, "max_steps": 500,
-              "logging_steps": 50, "seed": 0}
+    recipe = {"stage": "rm", "train_type": "full", "learning_rate": 1e-3, "batch_size": 16, "max_steps": 1000,
+              "weight_decay": 0.1, "logging_steps": 50, "seed": 0}
     out = tmp_path / "rm"
     align(str(backbone), [str(pairs)], recipe, str(out), str(tmp_path / "ckpt"), run)
     model, tok = load_reward_model(out)
     acc = reward_accuracy(model, tok, heldout(arith))
     print(f"rm: held-out pair accuracy {acc['accuracy']:.3f}, margin {acc['margin']:.3f}; logged "
           f"accuracy {run.metrics['accuracies'][0]:.3f} -> {run.metrics['accuracies'][-1]:.3f}")
-    assert acc["accuracy"] >= 0.6
+    # 0.746 here; other score-head seeds 0.708 / 0.838, another SFT seed 0.683
+    assert acc["accuracy"] >= 0.65
     assert "margins" in run.metrics and "loss" in run.metrics
     reward = build_reward({"name": "reward_model", "path": str(out)})
     case = heldout(arith)[0]

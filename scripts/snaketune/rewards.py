@@ -113,6 +113,14 @@ def load_reward_model(path: str):
     return model.eval(), tokenizer
 
 
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """A conversation as the reward model reads it: the chat template's text up to the last
+    end-of-turn marker (where generation stops; ChatML's trailing newline is left out)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    eos = tokenizer.eos_token or ""
+    return text.rstrip() if eos and text.rstrip().endswith(eos) else text
+
+
 def reward_model(path: str, batch_size: int = 32):
     """A reward function scoring ``prompt + completion`` with the reward model at ``path``."""
     model, tokenizer = load_reward_model(path)
@@ -122,7 +130,7 @@ def reward_model(path: str, batch_size: int = 32):
         for p, c in zip(prompts, completions):
             if isinstance(p, list):
                 c = c if isinstance(c, list) else [{"role": "assistant", "content": str(c)}]
-                texts.append(tokenizer.apply_chat_template(p + c, tokenize=False))
+                texts.append(chat_text(tokenizer, p + c))
             else:
                 texts.append(str(p) + text_of(c))
         return score_texts(model, tokenizer, texts, batch_size)
