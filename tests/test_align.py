@@ -307,3 +307,61 @@ def test_freeze_and_qlora_policies(train_type, sft_model, arith, tmp_path):
     assert summary["reference"] == {"freeze": "frozen copy of the starting model",
                                     "qlora": "base with the adapter disabled"}[train_type]
     assert summary["trainable_params"] < summary["total_params"]
+
+
+# A ChatML template that renders tools, tool calls and tool results (as Qwen2.5's does, shorter).
+TOOL_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\nTools:' }}{% for t in tools %}{{ ' ' + (t | tojson) }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' and m.tool_calls %}{{ '<|im_start|>assistant\\n' }}"
+    "{% for c in m.tool_calls %}{{ '<tool_call>' + (c.function | tojson) + '</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_tool_call_conversations_reach_the_template(tiny_model, tmp_path):
+    """Tool schemas, tool calls and tool results pass unchanged from the data step to the chat
+    template: in SFT the tool call and the final answer are labels, the tool result and the
+    schemas are context; DPO (trl) renders the row's tools into the prompt and trains on it."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from test_data import TOOL_CHAT, TOOLS
+    from snaketune.align import _common_args, load_policy, make_trainer
+    from snaketune.data import prepare
+    from snaketune.train import tokenize_sft
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = TOOL_TEMPLATE
+    tok.save_pretrained(model_dir)
+
+    src = tmp_path / "pref.jsonl"
+    src.write_text("".join(json.dumps({"prompt": TOOL_CHAT[:3], "chosen": [TOOL_CHAT[3]],
+                                       "rejected": [{"role": "assistant", "content": str(k)}], "tools": TOOLS}) + "\n"
+                           for k in (4, 6, 7, 8)))
+    data = tmp_path / "data"
+    prepare({"source": "local", "path": str(src), "format": "preference", "test_size": 0}, data)
+    row = read(data / "preference.jsonl")[0]
+    assert row["prompt"] == TOOL_CHAT[:3] and row["tools"] == TOOLS
+
+    enc = tokenize_sft(TOOL_CHAT, tok, 512, tools=TOOLS)
+    full = tok.decode(enc["input_ids"])
+    labelled = tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100])
+    assert '"name": "add"' in full.split("<|im_start|>user")[0]  # the schema, in the system turn
+    assert labelled == '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|im_end|>5<|im_end|>'
+
+    recipe = {"stage": "dpo", "train_type": "lora", "batch_size": 2, "max_steps": 2, "logging_steps": 1, "seed": 0}
+    model, peft_config = load_policy(str(model_dir), recipe, torch.float32)
+    trainer = make_trainer("dpo", model, tok, Dataset.from_list(read(data / "preference.jsonl")), recipe,
+                           _common_args(recipe, tmp_path / "ckpt", False, "fp32", 2), [], peft_config)
+    prompt = tok.decode(trainer.train_dataset[0]["prompt_ids"])
+    assert '"name": "add"' in prompt and "<tool_call>" in prompt and "<|im_start|>tool\n5" in prompt
+    summary = align(str(model_dir), [str(data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt2"), Recorder())
+    assert summary["steps"] == 2

@@ -161,7 +161,7 @@ def test_text_preference_and_kto_formats(tmp_path):
 @pytest.mark.parametrize("row, fmt, field", [
     ({"text": 3}, "text", "text"),
     ({"prompt": "q", "chosen": "a"}, "preference", "rejected"),
-    ({"prompt": "q", "chosen": [{"role": "bot", "content": "a"}], "rejected": "b"}, "preference", "chosen[0]"),
+    ({"prompt": "q", "chosen": [{"role": "bot", "content": "a"}], "rejected": "b"}, "preference", "chosen[0].role"),
     ({"prompt": "q", "completion": "a", "label": "yes"}, "kto", "label"),
 ])
 def test_bad_text_preference_kto_rows(row, fmt, field):
@@ -170,3 +170,41 @@ def test_bad_text_preference_kto_rows(row, fmt, field):
     with pytest.raises(RowError) as err:
         to_row(row, fmt)
     assert err.value.field == field
+
+
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two integers",
+                                           "parameters": {"type": "object", "properties": {
+                                               "a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+TOOL_CHAT = [{"role": "user", "content": "What is 2+3?"},
+             {"role": "assistant", "tool_calls": [{"type": "function", "id": "c1",
+                                                   "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+             {"role": "tool", "tool_call_id": "c1", "name": "add", "content": "5"},
+             {"role": "assistant", "content": "5"}]
+
+
+def test_tool_call_conversations_pass_through_unchanged(tmp_path):
+    """messages rows with tool calls, tool results and a tools list (also as a JSON string, as
+    hub datasets store it), and preference/kto rows whose prompt holds a tool-call history, keep
+    every key the chat templates read."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": TOOL_CHAT, "tools": json.dumps(TOOLS) if i % 2 else TOOLS,
+                                        "id": i}) + "\n" for i in range(4)))
+    splits, _ = build({"source": "local", "path": str(chat), "format": "messages", "test_size": 1})
+    assert len(splits["train"]) == 3
+    for row in splits["train"] + splits["test"]:
+        assert row == {"messages": TOOL_CHAT, "tools": TOOLS}  # unknown keys (id) are dropped
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text(json.dumps({"prompt": TOOL_CHAT[:3], "chosen": [TOOL_CHAT[3]],
+                                "rejected": [{"role": "assistant", "content": "6"}], "tools": TOOLS}) + "\n")
+    splits, _ = build({"source": "local", "path": str(pref), "format": "preference", "test_size": 0})
+    assert splits["preference"] == [{"prompt": TOOL_CHAT[:3], "chosen": [TOOL_CHAT[3]],
+                                     "rejected": [{"role": "assistant", "content": "6"}], "tools": TOOLS}]
+    from snaketune.data import to_row
+
+    with pytest.raises(RowError) as err:
+        to_row({"messages": TOOL_CHAT, "tools": "not json"}, "messages")
+    assert err.value.field == "tools"
+    with pytest.raises(RowError) as err:
+        to_row({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": "add"}]},
+               "messages")
+    assert err.value.field == "messages[1].tool_calls"

@@ -129,6 +129,10 @@ def load_rows(data_dirs: list, stage: str) -> list[dict]:
                 msgs = r["messages"]
                 if msgs[-1]["role"] != "assistant":
                     raise SnaketuneError(f"{path}: every row must end with an assistant turn (the reference answer)")
+                if r.get("tools") and not rows:
+                    print("note: grpo renders prompts without the rows' tool schemas (trl's GRPOTrainer takes "
+                          "tools as Python functions, not per row); earlier tool calls in the prompt stay",
+                          file=sys.stderr)
                 rows.append({"prompt": msgs[:-1], "answer": msgs[-1]["content"]})
         else:
             rows += read_jsonl(path)
@@ -155,10 +159,11 @@ def pretemplate(rows: list[dict], tokenizer) -> list[dict]:
         if not isinstance(r["prompt"], list):
             out.append(r)
             continue
-        head = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        kw = {"tools": r["tools"]} if r.get("tools") else {}
+        head = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True, **kw)
         row = {"prompt": head}
         for key in ("chosen", "rejected"):
-            full = tokenizer.apply_chat_template(r["prompt"] + r[key], tokenize=False)
+            full = tokenizer.apply_chat_template(r["prompt"] + r[key], tokenize=False, **kw)
             tail = full[len(head):] if full.startswith(head) else full
             if eos and tail.rstrip().endswith(eos):
                 tail = tail.rstrip()

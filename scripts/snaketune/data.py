@@ -57,25 +57,50 @@ def _str_field(row: dict, key: str, prefix: str = "") -> str:
     return row[key]
 
 
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content")
+
+
+def check_message(msg, where: str) -> dict:
+    """Validate one OpenAI-style message; returns it with the keys chat templates read
+    (role, content, and the tool-calling keys, passed through unchanged)."""
+    if not isinstance(msg, dict):
+        raise RowError(where, "an object with role and content", msg)
+    role = msg.get("role")
+    if role not in ROLES:
+        raise RowError(f"{where}.role", "one of " + "/".join(ROLES), role)
+    content = msg.get("content")
+    if not isinstance(content, str) and not (role == "assistant" and msg.get("tool_calls")):
+        raise RowError(f"{where}.content", "a string (or, for an assistant turn, tool_calls)", content)
+    if "tool_calls" in msg and not isinstance(msg["tool_calls"], list):
+        raise RowError(f"{where}.tool_calls", "a list of {type, function: {name, arguments}} objects",
+                       msg["tool_calls"])
+    return {k: v for k, v in msg.items() if k in MESSAGE_KEYS}
+
+
 def check_messages(messages, field: str = "messages") -> list[dict]:
-    """Validate an OpenAI-style message list; returns it with only role/content(/tool keys)."""
+    """Validate an OpenAI-style message list with at least one assistant turn."""
     if not isinstance(messages, list) or not messages:
         raise RowError(field, "a non-empty list of {role, content} objects", messages)
-    out = []
-    for i, msg in enumerate(messages):
-        where = f"{field}[{i}]"
-        if not isinstance(msg, dict):
-            raise RowError(where, "an object with role and content", msg)
-        role = msg.get("role")
-        if role not in ROLES:
-            raise RowError(f"{where}.role", "one of " + "/".join(ROLES), role)
-        content = msg.get("content")
-        if not isinstance(content, str) and not (role == "assistant" and msg.get("tool_calls")):
-            raise RowError(f"{where}.content", "a string", content)
-        out.append({k: v for k, v in msg.items() if k in ("role", "content", "tool_calls", "name")})
+    out = [check_message(msg, f"{field}[{i}]") for i, msg in enumerate(messages)]
     if not any(m["role"] == "assistant" for m in out):
         raise RowError(field, "at least one assistant message", [m["role"] for m in out])
     return out
+
+
+def check_tools(row: dict) -> dict:
+    """``{"tools": [...]}`` when the row declares tools (function schemas, as a list or a JSON
+    string), for the chat template; ``{}`` otherwise."""
+    tools = row.get("tools")
+    if tools is None:
+        return {}
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise RowError("tools", "a list of function schemas (or that list as a JSON string)", tools) from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError("tools", "a list of function schemas ({type: function, function: {...}})", tools)
+    return {"tools": tools} if tools else {}
 
 
 def to_messages(row, fmt: str) -> list[dict]:
@@ -116,28 +141,25 @@ def _turns(row: dict, key: str, role: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise RowError(key, "a string or a non-empty list of {role, content} objects",
                        value if key in row else "nothing (missing)")
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
-            raise RowError(f"{key}[{i}]", "an object with role (one of " + "/".join(ROLES) + ") and string content", msg)
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return [check_message(msg, f"{key}[{i}]") for i, msg in enumerate(value)]
 
 
 def to_row(row, fmt: str) -> dict:
     """Validate one row of format ``fmt`` and return it in the normalised form of its kind."""
     if fmt in CHAT_FORMATS:
-        return {"messages": to_messages(row, fmt)}
+        return {"messages": to_messages(row, fmt), **(check_tools(row) if fmt == "messages" else {})}
     if not isinstance(row, dict):
         raise RowError("<row>", "a JSON object", row)
     if fmt == "text":
         return {"text": _str_field(row, "text")}
     if fmt == "preference":
         return {"prompt": _turns(row, "prompt", "user"), "chosen": _turns(row, "chosen", "assistant"),
-                "rejected": _turns(row, "rejected", "assistant")}
+                "rejected": _turns(row, "rejected", "assistant"), **check_tools(row)}
     if fmt == "kto":
         if not isinstance(row.get("label"), bool):
             raise RowError("label", "true (desirable) or false (undesirable)", row.get("label", "nothing (missing)"))
         return {"prompt": _turns(row, "prompt", "user"), "completion": _turns(row, "completion", "assistant"),
-                "label": row["label"]}
+                "label": row["label"], **check_tools(row)}
     raise SnaketuneError(f"unknown dataset format {fmt!r}: use {', '.join(FORMATS)}")
 
 

@@ -42,23 +42,26 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def tokenize_sft(messages: list[dict], tokenizer, max_length: int, system: str | None = None) -> dict:
+def tokenize_sft(messages: list[dict], tokenizer, max_length: int, system: str | None = None,
+                 tools: list[dict] | None = None) -> dict:
     """Tokenize one conversation with the chat template; labels only on assistant turns.
 
-    Every assistant turn (content and end-of-turn marker) is supervised; system, user and tool
-    turns, the template's role headers and the whitespace it puts after an end-of-turn marker
-    (ChatML's newline, which generation never produces since it stops at the marker) are masked
-    with -100. ``system`` is prepended as the system prompt to conversations that have none.
+    Every assistant turn (content or tool calls, and the end-of-turn marker) is supervised; system,
+    user and tool turns, the template's role headers and the whitespace it puts after an
+    end-of-turn marker (ChatML's newline, which generation never produces since it stops at the
+    marker) are masked with -100. ``system`` is prepended as the system prompt to conversations
+    that have none; ``tools`` (the row's function schemas) go to the template as they are.
     """
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    kw = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kw)
     spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False).rstrip())
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True, **kw))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, **kw).rstrip())
         spans.append((start, end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
@@ -86,7 +89,7 @@ def tokenize_dataset(data_dirs: list[Path], stage: str, tokenizer, max_length: i
             if stage == "pt":
                 rows.append(tokenize_pt(r["text"], tokenizer, max_length))
             else:
-                rows.append(tokenize_sft(r["messages"], tokenizer, max_length, system))
+                rows.append(tokenize_sft(r["messages"], tokenizer, max_length, system, r.get("tools")))
     cut = [r.pop("truncated") for r in rows]
     if policy == "drop":
         kept = [r for r, c in zip(rows, cut) if not c]
