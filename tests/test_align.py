@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -365,3 +366,68 @@ def test_tool_call_conversations_reach_the_template(tiny_model, tmp_path):
     assert '"name": "add"' in prompt and "<tool_call>" in prompt and "<|im_start|>tool\n5" in prompt
     summary = align(str(model_dir), [str(data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt2"), Recorder())
     assert summary["steps"] == 2
+
+
+def test_grpo_tools_run_in_trls_tool_calling_loop(tiny_model, tmp_path):
+    """grpo.tools: a model SFT-trained (on conversations with tool calls, Qwen2.5's chat template)
+    to call ``add`` calls it during GRPO; trl parses the calls, runs the function from the recipe's
+    file and logs how often. The tool records its calls, so the test sees them executed."""
+    import random
+
+    import trl
+    from transformers import AutoTokenizer
+    from transformers.utils import get_json_schema
+
+    from snaketune.rewards import load_function
+    from snaketune.train import train
+
+    calls = tmp_path / "calls.jsonl"
+    tool_file = tmp_path / "tools.py"
+    tool_file.write_text(
+        "import json\n\n\ndef add(a: int, b: int) -> int:\n"
+        '    """Add two integers.\n\n    Args:\n        a: The first integer.\n        b: The second integer.\n    """\n'
+        f"    with open({str(calls)!r}, 'a') as fh:\n        fh.write(json.dumps([a, b]) + '\\n')\n"
+        "    return a + b\n")
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    tok.save_pretrained(model_dir)
+
+    schema = get_json_schema(load_function(f"{tool_file}:add", "tool"))
+    rng = random.Random(0)
+    sft_data, grpo_data = tmp_path / "sft-data", tmp_path / "grpo-data"
+    sft_data.mkdir()
+    grpo_data.mkdir()
+    rows = []
+    for _ in range(200):
+        a, b = rng.randrange(20), rng.randrange(20)
+        rows.append({"tools": [schema], "messages": [
+            {"role": "user", "content": f"What is {a}+{b}?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}]},
+            {"role": "tool", "name": "add", "content": str(a + b)},
+            {"role": "assistant", "content": str(a + b)}]})
+    (sft_data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (grpo_data / "train.jsonl").write_text("".join(
+        json.dumps({"messages": r["messages"][:1] + r["messages"][-1:]}) + "\n" for r in rows[:16]))
+    sft = tmp_path / "sft"
+    train(str(model_dir), [str(sft_data)], {"stage": "sft", "train_type": "full", "learning_rate": 5e-3,
+                                            "lr_scheduler": "constant", "batch_size": 8, "max_steps": 250,
+                                            "max_length": 700, "logging_steps": 250, "save_steps": 10000, "seed": 0},
+          str(sft), str(tmp_path / "sft.ckpt"), Recorder())
+
+    run = Recorder()
+    recipe = {"stage": "grpo", "train_type": "full", "learning_rate": 1e-4, "batch_size": 2, "max_steps": 3,
+              "logging_steps": 1, "seed": 0,
+              "grpo": {"num_generations": 4, "max_completion_length": 96, "max_tool_calling_iterations": 1,
+                       "tools": [f"{tool_file}:add"]}}
+    summary = align(str(sft), [str(grpo_data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"), run)
+    made = [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+    print(f"grpo tools: call frequency {run.metrics['tools/call_frequency']}, {len(made)} calls executed")
+    assert summary["steps"] == 3 and len(run.metrics["tools/call_frequency"]) == 3
+    assert mean(run.metrics["tools/call_frequency"]) > 0.2
+    assert made and all(isinstance(a, int) and isinstance(b, int) for a, b in made)
+    with pytest.raises(SnaketuneError, match="RLOOTrainer has no tool calling"):
+        align(str(sft), [str(grpo_data)], {**recipe, "grpo": {**recipe["grpo"], "variant": "rloo"}},
+              str(tmp_path / "o2"))

@@ -34,12 +34,20 @@ def align_config():
 
 
 def test_dpo_chain_plans_and_grpo_gets_the_reward_model(tmp_path):
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(align_config()))
+    """The grpo job gets the rm recipe's folder, and its user reward and tool files as inputs."""
+    config = align_config()
+    config["recipes"]["grpo"]["grpo"]["rewards"].append({"name": "my_rewards.py:short", "weight": 0.1})
+    config["recipes"]["grpo"]["grpo"]["tools"] = ["my_tools.py:add"]
+    (tmp_path / "my_rewards.py").write_text("def short(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    (tmp_path / "my_tools.py").write_text("def add(a: int, b: int) -> int:\n    return a + b\n")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     plan = snakemake(tmp_path, "-n", "-p", "results/tiny-qwen2/grpo/adapter")
     out = plan.stdout + plan.stderr
     assert plan.returncode == 0, out[-3000:]
     assert "snaketune.align" in out and '"path": "results/tiny-qwen2/rm/model"' in out
     assert "results/tiny-qwen2/rm/model" in re.search(r"rule train_adapter:.*?recipe=grpo", out, re.S).group(0)
+    (inputs,) = [line for line in out.splitlines() if "input:" in line and "rm/model" in line]
+    assert inputs.split("input:")[1].split(", ")[-2:] == ["my_rewards.py", "my_tools.py"]
 
 
 def test_sft_dpo_merge_quantize_eval_runs(tmp_path):

@@ -203,6 +203,8 @@ def grpo_args(recipe: dict) -> tuple[str, dict]:
     if variant not in GRPO_VARIANTS:
         raise SnaketuneError(f"unknown grpo.variant {variant!r}: use one of {', '.join(GRPO_VARIANTS)}")
     g.pop("rewards", None)
+    if g.pop("tools", None) and variant == "rloo":
+        raise SnaketuneError("grpo.tools needs a GRPOTrainer variant: trl's RLOOTrainer has no tool calling")
     unknown = set(g) - set(GRPO_KEYS)
     if unknown:
         raise SnaketuneError(f"unknown grpo key(s) {', '.join(sorted(unknown))}: use {', '.join(GRPO_KEYS)} "
@@ -420,8 +422,11 @@ def make_trainer(stage: str, model, tokenizer, dataset, recipe: dict, common: di
 def make_grpo_trainer(model, tokenizer, dataset, recipe: dict, common: dict, callbacks: list, peft_config=None):
     from snaketune.rewards import build_rewards
 
+    from snaketune.rewards import load_function
+
     variant, g = grpo_args(recipe)
     funcs, weights = build_rewards(recipe.get("grpo", {}).get("rewards") or [{"name": "exact_match"}])
+    tools = [load_function(t, "tool") for t in recipe.get("grpo", {}).get("tools", [])]
     common = dict(common)
     # batch_size counts prompts per step; trl's batch counts completions
     common["per_device_train_batch_size"] = common["per_device_train_batch_size"] * g["num_generations"]
@@ -432,6 +437,8 @@ def make_grpo_trainer(model, tokenizer, dataset, recipe: dict, common: dict, cal
         from trl import GRPOConfig as Config, GRPOTrainer as Trainer
     config = Config(**common, **g, reward_weights=weights, **extra)
     kw = {"peft_config": peft_config} if peft_config is not None else {}
+    if tools:  # trl's tool-calling loop: parsed tool calls run, their results join the completion
+        kw["tools"] = tools
     return variant, Trainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset,
                             processing_class=tokenizer, callbacks=callbacks, **kw)
 

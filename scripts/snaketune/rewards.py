@@ -61,21 +61,22 @@ def length_penalty(prompts, completions, target: int = 0, per_char: float = 0.01
 BUILTINS = {"exact_match": exact_match, "format": format_reward, "length": length_penalty}
 
 
-def load_function(spec: str):
-    """``path/to/file.py:function`` -> the function (the file is imported by path)."""
+def load_function(spec: str, kind: str = "reward"):
+    """``path/to/file.py:function`` -> the function (the file is imported by path); ``kind`` names
+    what it is for in the errors (a reward, a GRPO tool)."""
     path, _, name = spec.rpartition(":")
     if not path.endswith(".py") or not name:
-        raise SnaketuneError(f"reward {spec!r}: use a built-in ({', '.join(BUILTINS)}, reward_model) "
-                             "or path/to/file.py:function")
+        hint = f"a built-in ({', '.join(BUILTINS)}, reward_model) or " if kind == "reward" else ""
+        raise SnaketuneError(f"{kind} {spec!r}: use {hint}path/to/file.py:function")
     file = Path(path)
     if not file.is_file():
-        raise SnaketuneError(f"reward {spec!r}: {file} does not exist (relative paths are from the working directory)")
-    module_spec = importlib.util.spec_from_file_location(f"snaketune_reward_{file.stem}", file)
+        raise SnaketuneError(f"{kind} {spec!r}: {file} does not exist (relative paths are from the working directory)")
+    module_spec = importlib.util.spec_from_file_location(f"snaketune_{kind}_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise SnaketuneError(f"reward {spec!r}: {file} has no function {name!r}")
+        raise SnaketuneError(f"{kind} {spec!r}: {file} has no function {name!r}")
     return fn
 
 

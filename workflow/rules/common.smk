@@ -136,12 +136,20 @@ def rm_dir(model, recipe):
     return f"{RESULTS}/{model}/{recipe}/{'adapter' if is_adapter(recipe) else 'model'}"
 
 
+def user_code(recipe):
+    """The .py files a grpo recipe's user rewards and tools come from (inputs: an edit reruns it)."""
+    grpo = config["recipes"][recipe].get("grpo", {})
+    specs = [r["name"] for r in grpo.get("rewards", [])] + grpo.get("tools", [])
+    return sorted({s.rpartition(":")[0] for s in specs if ".py:" in s})
+
+
 def train_input(wildcards):
     recipe = config["recipes"][wildcards.recipe]
     return {
         "base": model_dir(wildcards.model, recipe["from"]),
         "data": [f"{RESULTS}/datasets/{d}" for d in recipe_datasets(wildcards.recipe)],
         "reward_models": [rm_dir(wildcards.model, r) for r in reward_models(wildcards.recipe)],
+        "code": user_code(wildcards.recipe),
     }
 
 
