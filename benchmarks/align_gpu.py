@@ -33,10 +33,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import defaultdict
 from pathlib import Path
 
-OFFSETS = (-10, -2, -1, 1, 2, 10)
 TINY = dict(source="tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, seed=0)
 QWEN05 = dict(source="tiny", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -46,26 +44,15 @@ PREFERENCE = {"dpo": {"beta": 0.5}, "kto": {"beta": 0.5}, "orpo": {"beta": 0.1},
 VARIANTS = ("dapo", "dr_grpo", "bnpo", "gspo", "cispo", "sapo", "luspo", "vespo", "rloo", "reinforce++")
 
 
-class Recorder:
-    """Stands in for the MLflow run: keeps every logged metric series."""
-
-    def __init__(self):
-        self.metrics = defaultdict(list)
-
-    def log_metrics(self, metrics, step=None):
-        for k, v in metrics.items():
-            self.metrics[k].append(v)
-
-
 def read(path):
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
 def heldout(data_dir: Path) -> list[dict]:
     """The right answer of each held-out sum against answers off by +-1, +-2, +-10."""
-    return [{"prompt": m[:-1], "chosen": [m[-1]],
-             "rejected": [{"role": "assistant", "content": str(int(m[-1]["content"]) + d)}]}
-            for m in (r["messages"] for r in read(data_dir / "test.jsonl")) for d in OFFSETS]
+    from snaketune.data import addition_pairs
+
+    return addition_pairs(read(data_dir / "test.jsonl"))
 
 
 def mean(xs):
@@ -103,11 +90,12 @@ def timed_align(base: Path, data: list[Path], recipe: dict, work: Path, name: st
     import torch
 
     from snaketune.align import align
+    from snaketune.tracking import MemoryRun
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    run = Recorder()
+    run = MemoryRun()
     out = work / name
     summary = align(str(base), [str(d) for d in data], recipe, str(out), str(work / f"{name}.ckpt"), run)
     return out, summary, run.metrics, summary["seconds"] / max(summary["steps"], 1), peak_gib()
@@ -118,9 +106,10 @@ def timed_align(base: Path, data: list[Path], recipe: dict, work: Path, name: st
 
 def quality_rows(work: Path, only, dtype: str) -> list[dict]:
     from snaketune.align import preference_accuracy, reward_accuracy
-    from snaketune.data import prepare
+    from snaketune.data import addition_pairs, prepare
     from snaketune.model import fetch
     from snaketune.rewards import load_reward_model
+    from snaketune.tracking import MemoryRun
     from snaketune.train import train
 
     tiny, arith = work / "tiny", work / "arith20"
@@ -131,7 +120,7 @@ def quality_rows(work: Path, only, dtype: str) -> list[dict]:
     train(str(tiny), [str(arith)], {"stage": "sft", "train_type": "full", "learning_rate": 5e-3,
                                     "lr_scheduler": "constant", "batch_size": 16, "max_steps": 500, "max_length": 48,
                                     "logging_steps": 100, "save_steps": 10000, "seed": 0, "dtype": dtype},
-          str(sft), str(work / "sft.ckpt"), Recorder())
+          str(sft), str(work / "sft.ckpt"), MemoryRun())
     model, tok = load(sft, sft)
     start = preference_accuracy(model, tok, heldout(arith))
     rows = [{"name": "sft-tiny", "kind": "quality", "steps": 500, "s_per_step": (time.time() - t0) / 500,
@@ -151,20 +140,16 @@ def quality_rows(work: Path, only, dtype: str) -> list[dict]:
     def rm_row():
         pairs = work / "pairs"
         pairs.mkdir(exist_ok=True)
-        with open(pairs / "preference.jsonl", "w") as fh:
-            for r in read(arith / "train.jsonl"):
-                m = r["messages"]
-                for d in OFFSETS:
-                    fh.write(json.dumps({"prompt": m[:-1], "chosen": [m[-1]], "rejected": [
-                        {"role": "assistant", "content": str(int(m[-1]["content"]) + d)}]}) + "\n")
+        (pairs / "preference.jsonl").write_text(
+            "".join(json.dumps(p) + "\n" for p in addition_pairs(read(arith / "train.jsonl"))))
         backbone = work / "sft800"
         train(str(sft), [str(arith)], {"stage": "sft", "train_type": "full", "learning_rate": 5e-3,
                                        "lr_scheduler": "constant", "batch_size": 16, "max_steps": 300,
                                        "max_length": 48, "logging_steps": 100, "save_steps": 10000, "seed": 1,
                                        "dtype": dtype},
-              str(backbone), str(work / "sft800.ckpt"), Recorder())
-        recipe = {"stage": "rm", "train_type": "full", "learning_rate": 2e-3, "batch_size": 16, "max_steps": 500,
-                  "logging_steps": 50, "seed": 0, "dtype": dtype}
+              str(backbone), str(work / "sft800.ckpt"), MemoryRun())
+        recipe = {"stage": "rm", "train_type": "full", "learning_rate": 1e-3, "batch_size": 16, "max_steps": 1000,
+                  "weight_decay": 0.1, "logging_steps": 50, "seed": 0, "dtype": dtype}
         out, summary, _, sps, mem = timed_align(backbone, [pairs], recipe, work, "rm")
         model, rtok = load_reward_model(out)
         acc = reward_accuracy(model.to(device()), rtok, heldout(arith))

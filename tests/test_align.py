@@ -7,37 +7,19 @@ method) is trained once per module; every method starts from it. Runs are short 
 import json
 import math
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
+from conftest import read_jsonl as read
 from snaketune.align import align, completion_logps, preference_accuracy, reward_accuracy
+from snaketune.data import addition_pairs
 from snaketune.errors import SnaketuneError
-
-OFFSETS = (-10, -2, -1, 1, 2, 10)  # the wrong answers of the synthetic preference data
-
-
-class Recorder:
-    """Stands in for the MLflow run: keeps every logged metric series."""
-
-    def __init__(self):
-        self.metrics = defaultdict(list)
-
-    def log_metrics(self, metrics, step=None):
-        for k, v in metrics.items():
-            self.metrics[k].append(v)
-
-
-def read(path):
-    return [json.loads(line) for line in open(path) if line.strip()]
-
+from snaketune.tracking import MemoryRun
 
 def heldout(data_dir):
     """Preference pairs on the held-out sums: the right answer against each kind of wrong one."""
-    return [{"prompt": m[:-1], "chosen": [m[-1]],
-             "rejected": [{"role": "assistant", "content": str(int(m[-1]["content"]) + d)}]}
-            for m in (r["messages"] for r in read(data_dir / "test.jsonl")) for d in OFFSETS]
+    return addition_pairs(read(data_dir / "test.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +39,7 @@ def sft_model(tiny_model, arith, tmp_path_factory):
     recipe = {"stage": "sft", "train_type": "full", "learning_rate": 5e-3, "lr_scheduler": "constant",
               "batch_size": 16, "max_steps": 500, "max_length": 48, "logging_steps": 100, "save_steps": 10000,
               "seed": 0}
-    train(str(tiny_model), [str(arith)], recipe, str(out), str(out.with_name("ckpt")), Recorder())
+    train(str(tiny_model), [str(arith)], recipe, str(out), str(out.with_name("ckpt")), MemoryRun())
     return out
 
 
@@ -100,11 +82,11 @@ METHODS = {
 def test_preference_method_raises_heldout_accuracy_and_margins(stage, sft_model, arith, start, tmp_path):
     from transformers import AutoTokenizer
 
-    run = Recorder()
+    run = MemoryRun()
     recipe = {"stage": stage, "train_type": "full", "learning_rate": 1e-4, "lr_scheduler": "constant",
               "batch_size": 16, "max_steps": 100, "logging_steps": 10, "seed": 0, **METHODS[stage]}
     out = tmp_path / "out"
-    summary = align(str(sft_model), [str(arith)], recipe, str(out), str(tmp_path / "ckpt"), run)
+    align(str(sft_model), [str(arith)], recipe, str(out), str(tmp_path / "ckpt"), run)
     after = preference_accuracy(load_policy(out, sft_model), AutoTokenizer.from_pretrained(out), heldout(arith))
     print(f"{stage}: held-out preference accuracy {start['accuracy']:.3f} -> {after['accuracy']:.3f}, "
           f"margin {start['margin']:.2f} -> {after['margin']:.2f}; logged reward margin "
@@ -193,17 +175,12 @@ def test_reward_model_ranks_heldout_pairs(sft_model, arith, tmp_path):
     train(str(sft_model), [str(arith)], {"stage": "sft", "train_type": "full", "learning_rate": 5e-3,
                                          "lr_scheduler": "constant", "batch_size": 16, "max_steps": 300,
                                          "max_length": 48, "logging_steps": 100, "save_steps": 10000, "seed": 1},
-          str(backbone), str(tmp_path / "ckpt-sft"), Recorder())
+          str(backbone), str(tmp_path / "ckpt-sft"), MemoryRun())
 
     pairs = tmp_path / "pairs"  # every kind of wrong answer for each training sum
     pairs.mkdir()
-    with open(pairs / "preference.jsonl", "w") as fh:
-        for row in read(arith / "train.jsonl"):
-            m = row["messages"]
-            for d in OFFSETS:
-                fh.write(json.dumps({"prompt": m[:-1], "chosen": [m[-1]], "rejected": [
-                    {"role": "assistant", "content": str(int(m[-1]["content"]) + d)}]}) + "\n")
-    run = Recorder()
+    (pairs / "preference.jsonl").write_text("".join(json.dumps(p) + "\n" for p in addition_pairs(read(arith / "train.jsonl"))))
+    run = MemoryRun()
     recipe = {"stage": "rm", "train_type": "full", "learning_rate": 1e-3, "batch_size": 16, "max_steps": 1000,
               "weight_decay": 0.1, "logging_steps": 50, "seed": 0}
     out = tmp_path / "rm"
@@ -234,7 +211,7 @@ def test_grpo_exact_match_reward_rises(sft_model, arith, tmp_path):
     data = tmp_path / "small"
     data.mkdir()
     (data / "train.jsonl").write_text("".join(open(arith / "train.jsonl").readlines()[:16]))
-    run = Recorder()
+    run = MemoryRun()
     recipe = {**grpo_recipe("grpo", 40), "lr_scheduler": "cosine"}
     summary = align(str(sft_model), [str(data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"), run)
     reward = run.metrics["reward"]
@@ -251,7 +228,7 @@ def test_grpo_variant_runs_and_logs(variant, sft_model, arith, tmp_path):
     src = tmp_path / "r.py"
     src.write_text("def short(prompts, completions, answer, **kw):\n"
                    "    return [-len(c[0]['content']) / 10 for c in completions]\n")
-    run = Recorder()
+    run = MemoryRun()
     rewards = [{"name": "exact_match"}, {"name": "format", "weight": 0.5}, {"name": f"{src}:short", "weight": 0.1}]
     recipe = {**grpo_recipe(variant, 3, num_generations=4, max_completion_length=4, rewards=rewards,
                             **({"beta": 0.04} if variant in ("dapo", "gspo") else {})),
@@ -282,14 +259,14 @@ def test_lora_family_reference_and_resume(train_type, sft_model, arith, tmp_path
     recipe = {"stage": "dpo", "train_type": train_type, "learning_rate": 1e-3, "batch_size": 4, "max_steps": 3,
               "save_steps": 1, "logging_steps": 1, "seed": 0}
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    first = align(str(sft_model), [str(arith)], recipe, str(out), str(ckpt), Recorder())
+    first = align(str(sft_model), [str(arith)], recipe, str(out), str(ckpt), MemoryRun())
     assert first["reference"] == {"dora": "base with the adapter disabled",
                                   "pissa": "base with a frozen copy of the initial adapter"}[train_type]
     assert not (out / "ref").exists() and (out / "adapter_config.json").is_file()
     # PiSSA is saved converted, as a plain LoRA (rank 2r) for the original base
     assert json.loads((out / "adapter_config.json").read_text())["r"] == {"dora": 8, "pissa": 16}[train_type]
     shutil.rmtree(ckpt / "checkpoint-3")  # as if the job had been killed before its last checkpoint
-    again = align(str(sft_model), [str(arith)], recipe, str(tmp_path / "out2"), str(ckpt), Recorder())
+    again = align(str(sft_model), [str(arith)], recipe, str(tmp_path / "out2"), str(ckpt), MemoryRun())
     assert again["resumed_from"].endswith("checkpoint-2") and again["steps"] == 3
 
 
@@ -300,7 +277,7 @@ def test_freeze_and_qlora_policies(train_type, sft_model, arith, tmp_path):
     recipe = {"stage": "dpo", "train_type": train_type, "learning_rate": 1e-3, "batch_size": 4, "max_steps": 2,
               "logging_steps": 1, "seed": 0, "freeze": {"trainable_layers": 1}, "system": "Answer with a number."}
     try:
-        summary = align(str(sft_model), [str(arith)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"), Recorder())
+        summary = align(str(sft_model), [str(arith)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"), MemoryRun())
     except (ImportError, RuntimeError) as err:  # bitsandbytes without a usable backend
         if train_type == "qlora":
             pytest.skip(f"qlora needs bitsandbytes: {err}")
@@ -364,7 +341,7 @@ def test_tool_call_conversations_reach_the_template(tiny_model, tmp_path):
                            _common_args(recipe, tmp_path / "ckpt", False, "fp32", 2), [], peft_config)
     prompt = tok.decode(trainer.train_dataset[0]["prompt_ids"])
     assert '"name": "add"' in prompt and "<tool_call>" in prompt and "<|im_start|>tool\n5" in prompt
-    summary = align(str(model_dir), [str(data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt2"), Recorder())
+    summary = align(str(model_dir), [str(data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt2"), MemoryRun())
     assert summary["steps"] == 2
 
 
@@ -415,9 +392,9 @@ def test_grpo_tools_run_in_trls_tool_calling_loop(tiny_model, tmp_path):
     train(str(model_dir), [str(sft_data)], {"stage": "sft", "train_type": "full", "learning_rate": 5e-3,
                                             "lr_scheduler": "constant", "batch_size": 8, "max_steps": 250,
                                             "max_length": 700, "logging_steps": 250, "save_steps": 10000, "seed": 0},
-          str(sft), str(tmp_path / "sft.ckpt"), Recorder())
+          str(sft), str(tmp_path / "sft.ckpt"), MemoryRun())
 
-    run = Recorder()
+    run = MemoryRun()
     recipe = {"stage": "grpo", "train_type": "full", "learning_rate": 1e-4, "batch_size": 2, "max_steps": 3,
               "logging_steps": 1, "seed": 0,
               "grpo": {"num_generations": 4, "max_completion_length": 96, "max_tool_calling_iterations": 1,

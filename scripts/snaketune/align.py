@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
+from snaketune.tracking import NullRun
 from snaketune.train import (EXIT_REQUEUE, LORA_TYPES, Preempted, claim_checkpoints, inputs_fingerprint,
                              keep_initial_adapter, latest_checkpoint, load_model, make_callback, pick_dtype,
                              read_jsonl, save, trainer_args, wrap_model)
@@ -91,11 +92,6 @@ VARIANT_DEFAULTS = {
 # common MLflow names for what the trainers log under their own names
 ALIASES = {"rewards/margins": "margins", "margin": "margins", "rewards/accuracies": "accuracies",
            "accuracy": "accuracies"}
-
-
-class NullRun:
-    def log_metrics(self, *a, **k):
-        pass
 
 
 class AliasedRun:

@@ -31,6 +31,7 @@ FORMATS = (*CHAT_FORMATS, "text", "preference", "kto")
 # format kind -> (training split file, held-out split file)
 SPLITS = {"chat": ("train", "test"), "text": ("pretrain", "pretrain_test"),
           "preference": ("preference", "preference_test"), "kto": ("kto", "kto_test")}
+WRONG_OFFSETS = (-10, -2, -1, 1, 2, 10)  # the synthetic task's wrong answers: sum + offset
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "tool": "tool", "function_call": "assistant",
                   "observation": "tool"}
@@ -253,7 +254,7 @@ def addition_task(params: dict) -> dict[str, list[dict]]:
         return [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": str(answer)}]
 
     def wrong(a, b):
-        return a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+        return a + b + rng.choice(WRONG_OFFSETS)
 
     out = {
         "train": [{"messages": chat(a, b, a + b)} for a, b in train],
@@ -272,6 +273,14 @@ def addition_task(params: dict) -> dict[str, list[dict]]:
                 {"role": "assistant", "content": str(a + b if good else bad)}], "label": good})
     out["pretrain_test"] = [{"text": f"What is {a}+{b}? {a + b}"} for a, b in test]
     return out
+
+
+def addition_pairs(rows: list[dict]) -> list[dict]:
+    """Preference pairs of the synthetic task from its chat rows: each sum's right answer against
+    every kind of wrong one (``WRONG_OFFSETS``), for ranking tests and reward-model data."""
+    return [{"prompt": m[:-1], "chosen": [m[-1]],
+             "rejected": [{"role": "assistant", "content": str(int(m[-1]["content"]) + d)}]}
+            for m in (r["messages"] for r in rows) for d in WRONG_OFFSETS]
 
 
 def split(rows: list[dict], test_size: int | float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -8,6 +8,7 @@ default ``sqlite:///results/mlflow.db``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import json
@@ -86,6 +87,18 @@ class NullRun:
 
     def log_artifact(self, path, artifact_path=None) -> None:
         pass
+
+
+class MemoryRun(NullRun):
+    """Keeps every logged metric series in ``metrics`` (name -> list): for tests and benchmarks
+    that call a step in-process and read what it logged."""
+
+    def __init__(self):
+        self.metrics: dict[str, list] = collections.defaultdict(list)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        for k, v in metrics.items():
+            self.metrics[k].append(v)
 
 
 @contextlib.contextmanager
