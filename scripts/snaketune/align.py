@@ -113,7 +113,7 @@ class AliasedRun:
 
 def load_rows(data_dirs: list, stage: str) -> list[dict]:
     """The stage's rows from every dataset folder (a mix is concatenated; the trainer shuffles)."""
-    rows = []
+    rows, schemas_left_out = [], 0
     for data_dir in map(Path, data_dirs):
         name = {"kto": "kto.jsonl", "grpo": "train.jsonl"}.get(stage, "preference.jsonl")
         path = data_dir / name
@@ -125,13 +125,14 @@ def load_rows(data_dirs: list, stage: str) -> list[dict]:
                 msgs = r["messages"]
                 if msgs[-1]["role"] != "assistant":
                     raise SnaketuneError(f"{path}: every row must end with an assistant turn (the reference answer)")
-                if r.get("tools") and not rows:
-                    print("note: grpo renders prompts without the rows' tool schemas (trl's GRPOTrainer takes "
-                          "tools as Python functions, not per row); earlier tool calls in the prompt stay",
-                          file=sys.stderr)
+                schemas_left_out += bool(r.get("tools"))
                 rows.append({"prompt": msgs[:-1], "answer": msgs[-1]["content"]})
         else:
             rows += read_jsonl(path)
+    if schemas_left_out:
+        print(f"note: {schemas_left_out} grpo rows declare tools; their prompts are rendered without those schemas "
+              "(trl's GRPOTrainer takes tools as Python functions: grpo.tools); earlier tool calls stay",
+              file=sys.stderr)
     if not rows:
         raise SnaketuneError(f"no rows for stage {stage!r} in {', '.join(map(str, data_dirs))}")
     return rows
@@ -149,21 +150,20 @@ def pretemplate(rows: list[dict], tokenizer) -> list[dict]:
     (tiny task: 0.77 -> 0.84 and 0.58 -> 0.71 for two seeds). Rendering the completion up to and
     including the end-of-turn EOS does both.
     """
-    eos = tokenizer.eos_token or ""
+    from snaketune.rewards import chat_text
+
     out = []
     for r in rows:
         if not isinstance(r["prompt"], list):
             out.append(r)
             continue
-        kw = {"tools": r["tools"]} if r.get("tools") else {}
-        head = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True, **kw)
+        tools = r.get("tools")
+        head = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True,
+                                             **({"tools": tools} if tools else {}))
         row = {"prompt": head}
         for key in ("chosen", "rejected"):
-            full = tokenizer.apply_chat_template(r["prompt"] + r[key], tokenize=False, **kw)
-            tail = full[len(head):] if full.startswith(head) else full
-            if eos and tail.rstrip().endswith(eos):
-                tail = tail.rstrip()
-            row[key] = tail
+            full = chat_text(tokenizer, r["prompt"] + r[key], tools)
+            row[key] = full[len(head):] if full.startswith(head) else full
         out.append(row)
     return out
 
@@ -416,9 +416,7 @@ def make_trainer(stage: str, model, tokenizer, dataset, recipe: dict, common: di
 
 
 def make_grpo_trainer(model, tokenizer, dataset, recipe: dict, common: dict, callbacks: list, peft_config=None):
-    from snaketune.rewards import build_rewards
-
-    from snaketune.rewards import load_function
+    from snaketune.rewards import build_rewards, load_function
 
     variant, g = grpo_args(recipe)
     funcs, weights = build_rewards(recipe.get("grpo", {}).get("rewards") or [{"name": "exact_match"}])

@@ -114,10 +114,10 @@ def load_reward_model(path: str):
     return model.eval(), tokenizer
 
 
-def chat_text(tokenizer, messages: list[dict]) -> str:
+def chat_text(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
     """A conversation as the reward model reads it: the chat template's text up to the last
     end-of-turn marker (where generation stops; ChatML's trailing newline is left out)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **({"tools": tools} if tools else {}))
     eos = tokenizer.eos_token or ""
     return text.rstrip() if eos and text.rstrip().endswith(eos) else text
 
