@@ -44,15 +44,12 @@ PREFERENCE = {"dpo": {"beta": 0.5}, "kto": {"beta": 0.5}, "orpo": {"beta": 0.1},
 VARIANTS = ("dapo", "dr_grpo", "bnpo", "gspo", "cispo", "sapo", "luspo", "vespo", "rloo", "reinforce++")
 
 
-def read(path):
-    return [json.loads(line) for line in open(path) if line.strip()]
-
-
 def heldout(data_dir: Path) -> list[dict]:
     """The right answer of each held-out sum against answers off by +-1, +-2, +-10."""
     from snaketune.data import addition_pairs
+    from snaketune.train import read_jsonl
 
-    return addition_pairs(read(data_dir / "test.jsonl"))
+    return addition_pairs(read_jsonl(data_dir / "test.jsonl"))
 
 
 def mean(xs):
@@ -110,7 +107,7 @@ def quality_rows(work: Path, only, dtype: str) -> list[dict]:
     from snaketune.model import fetch
     from snaketune.rewards import load_reward_model
     from snaketune.tracking import MemoryRun
-    from snaketune.train import train
+    from snaketune.train import read_jsonl, train
 
     tiny, arith = work / "tiny", work / "arith20"
     fetch(TINY, tiny)
@@ -141,7 +138,7 @@ def quality_rows(work: Path, only, dtype: str) -> list[dict]:
         pairs = work / "pairs"
         pairs.mkdir(exist_ok=True)
         (pairs / "preference.jsonl").write_text(
-            "".join(json.dumps(p) + "\n" for p in addition_pairs(read(arith / "train.jsonl"))))
+            "".join(json.dumps(p) + "\n" for p in addition_pairs(read_jsonl(arith / "train.jsonl"))))
         backbone = work / "sft800"
         train(str(sft), [str(arith)], {"stage": "sft", "train_type": "full", "learning_rate": 5e-3,
                                        "lr_scheduler": "constant", "batch_size": 16, "max_steps": 300,
