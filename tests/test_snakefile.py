@@ -1,14 +1,15 @@
 """The Snakefile itself: lint-clean, light to parse, and the example cluster study plans."""
 
+import os
 import subprocess
 import sys
 
 from conftest import ROOT
 
 
-def _snakemake(*args, cwd):
+def _snakemake(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow/Snakefile"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=cwd)
+                          capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
 def test_lint_is_clean(tmp_path):
@@ -18,7 +19,9 @@ def test_lint_is_clean(tmp_path):
 
 
 def test_example_cluster_study_plans_with_real_sizes(tmp_path):
-    result = _snakemake("-n", "--configfile", str(ROOT / "configs/qwen2.5-7b-alpaca.yaml"), cwd=tmp_path)
+    # planned as on a GPU workstation (on a machine without GPUs a local run asks for none)
+    result = _snakemake("-n", "--configfile", str(ROOT / "configs/qwen2.5-7b-alpaca.yaml"), cwd=tmp_path,
+                        env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert "train_adapter" in out and "quantize" in out

@@ -288,6 +288,14 @@ def single_process_group() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def optimizer(recipe: dict, cuda: bool) -> str:
+    """The recipe's ``optim`` as a transformers optimizer name (auto: fused AdamW on GPU)."""
+    name = recipe.get("optim", "auto")
+    if name == "auto":
+        return "adamw_torch_fused" if cuda else "adamw_torch"
+    return name
+
+
 def trainer_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, total_steps: int,
                  default_lr: float = 1e-4) -> dict:
     """TrainingArguments keywords from a recipe (shared by train and align): optimiser, schedule,
@@ -313,7 +321,10 @@ def trainer_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, t
         bf16=dtype_name == "bf16",
         fp16=dtype_name == "fp16",
         use_cpu=not cuda,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        optim=optimizer(recipe, cuda),
+        adam_beta1=recipe.get("adam_beta1", 0.9),
+        adam_beta2=recipe.get("adam_beta2", 0.999),
+        adam_epsilon=recipe.get("adam_epsilon", 1e-8),
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,

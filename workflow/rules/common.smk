@@ -1,9 +1,12 @@
 """Config validation, path helpers and input functions shared by the rules."""
 
 import json
+import os
 import shlex
 import subprocess
+import sys
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -60,7 +63,12 @@ TRACKING = json.dumps(
      "tags": {"git.commit": GIT_COMMIT, "study": config["study"]}}
 )
 _QUOTED = shlex.quote(TRACKING).replace("{", "{{").replace("}", "}}")
-shell.prefix(f"export SNAKETUNE_TRACKING={_QUOTED}; ")
+# Rules call `python`: without --use-conda that must be the interpreter Snakemake runs under (the
+# venv with snaketune), also when the venv is not activated (`.venv/bin/snakemake`); with
+# --use-conda the rule's env provides it, so PATH is left alone.
+_USES_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+_PATH = "" if _USES_CONDA else f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
+shell.prefix(f"{_PATH}export SNAKETUNE_TRACKING={_QUOTED}; ")
 
 
 def recipe_datasets(recipe):
@@ -85,8 +93,14 @@ def _check_references():
         if quant.get("dataset") and quant["dataset"] not in config["datasets"]:
             problems.append(f"quantize.{name}.dataset: {quant['dataset']!r} is not a key of datasets")
     for name, bench in config["benches"].items():
-        if bench["dataset"] not in config["datasets"]:
+        data = config["datasets"].get(bench["dataset"])
+        if data is None:
             problems.append(f"benches.{name}.dataset: {bench['dataset']!r} is not a key of datasets")
+        elif (bench["split"] == "test" and data["source"] != "synthetic" and not data.get("test_path")
+              and data["test_size"] == 0):
+            problems.append(f"benches.{name}: dataset {bench['dataset']!r} has test_size 0 and no test_path, "
+                            "so its test split is empty: give the dataset a test_path or test_size, or "
+                            "bench another dataset")
     for model in config["evaluation"].get("models", []):
         if model not in config["models"]:
             problems.append(f"evaluation.models: {model!r} is not a key of models")
@@ -197,6 +211,22 @@ def job_label(rule):
     return lambda wc: f"{rule}[{','.join(f'{k}={v}' for k, v in wc.items())}]"
 
 
+def _local_gpus():
+    """GPUs a local run can use (None for cluster runs and jobs, which keep the declared resources)."""
+    from snaketune.launch import in_slurm_job, visible_gpus
+
+    if workflow.non_local_exec or in_slurm_job(os.environ):
+        return None
+    return len(visible_gpus(os.environ))
+
+
+# A local run on a machine without GPUs runs the GPU steps on the CPU instead of failing each one.
+LOCAL_GPUS = _local_gpus()
+if LOCAL_GPUS == 0 and not config["resources"].get("gpu", {}).get("gpu") == 0:
+    print("snaketune: this machine shows no GPU: train, quantize and evaluate run on the CPU "
+          "(a Slurm profile keeps the declared GPUs)", file=sys.stderr)
+
+
 RESOURCE_DEFAULTS = {
     "gpu": {"gpu": 1, "nodes": 1, "mem_mb": 16000, "runtime": 120},
     "cpu": {"gpu": 0, "mem_mb": 4000, "runtime": 60},
@@ -222,6 +252,8 @@ def job_resources(kind, section=None, wildcard=None):
         merged = {**RESOURCE_DEFAULTS[kind], **config["resources"].get(kind, {})}
         if section:
             merged.update(config[section][wildcards[wildcard]].get("resources", {}))
+        if LOCAL_GPUS == 0:
+            merged["gpu"] = 0
         if not merged["gpu"]:
             merged.pop("gpu_model", None)  # the Slurm plugin would ask for --gpus=<model>:0
         return merged
