@@ -194,6 +194,42 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
         assert abs(a - b) < 2e-3 * max(1.0, abs(a)), (curve(one), curve(two))
 
 
+def test_training_json_reports_steady_state_tokens_per_s(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """tokens_per_s is the steady state: a slow first step (as torch.compile makes it) and the
+    final checkpoint save are left out of it; wall_seconds holds both, warmup_seconds the first.
+    MLflow gets the same numbers (main) and a per-log rate (the callback)."""
+    from transformers import Trainer
+
+    from snaketune.tracking import MemoryRun
+    from snaketune.train import WARMUP_STEPS
+
+    step, save = Trainer.training_step, Trainer._save_checkpoint
+
+    def slow_first_step(self, *args, **kw):
+        if self.state.global_step == 0:
+            time.sleep(1.0)
+        return step(self, *args, **kw)
+
+    def slow_save(self, *args, **kw):
+        time.sleep(1.0)
+        return save(self, *args, **kw)
+
+    monkeypatch.setattr(Trainer, "training_step", slow_first_step)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", slow_save)
+    run = MemoryRun()
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 12, "save_steps": 100}
+    train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"), run)
+    t = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert (t["warmup_steps"], t["steady_steps"]) == (WARMUP_STEPS, 12 - WARMUP_STEPS)
+    assert t["warmup_seconds"] >= 1.0  # the slow first step
+    assert t["warmup_seconds"] + t["steady_seconds"] + 1.0 <= t["wall_seconds"]  # the save is in neither
+    assert 0 < t["steady_tokens"] < t["tokens"]
+    assert t["tokens_per_s"] == pytest.approx(t["steady_tokens"] / t["steady_seconds"])
+    assert t["tokens_per_s"] > t["tokens"] / (t["wall_seconds"] - 2.0) > t["tokens"] / t["wall_seconds"]
+    rates = run.metrics["interval_tokens_per_s"]  # one per log (every 4 steps): the first holds the slow step
+    assert len(rates) == 3 and rates[0] < min(rates[1:])
+
+
 def test_packing_and_fused_ce_train_through_the_trainer(tiny_model, tiny_data, tmp_path):
     """The GPU speed options also run on CPU: same recipe keys, padding-free batches, chunked CE."""
     recipe = {**RECIPE, "train_type": "lora", "packing": True, "fused_ce": True, "gradient_checkpointing": True}

@@ -500,7 +500,10 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     common = _common_args(recipe, checkpoints, cuda, dtype_name, total_steps)
 
     preempted = Preempted()
-    callbacks = [make_callback(AliasedRun(run), preempted, total_steps)]
+    # trl's DPO/KTO/reward trainers count tokens in their own counter, GRPO/RLOO in the Trainer's
+    progress = make_callback(AliasedRun(run), preempted, total_steps,
+                             tokens=lambda state: getattr(trainer, "_total_train_tokens", 0) or state.num_input_tokens_seen)
+    callbacks = [progress]
     variant = None
     if stage == "grpo":
         variant, trainer = make_grpo_trainer(model, tokenizer, dataset, recipe, common, callbacks, peft_config)
@@ -517,7 +520,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     print(f"aligning {stage}{'/' + variant if variant else ''}/{recipe.get('train_type', 'lora')}: "
           f"{trainable:,} of {total:,} parameters trainable, {total_steps} steps, batch {batch}x{accum}x{world}, "
           f"{dtype_name}, reference: {reference_kind(stage, recipe, variant)}", flush=True)
-    t0 = time.time()
+    t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     if preempted.signal:
         print(f"stopped by {preempted.signal} at step {trainer.state.global_step}; checkpoint in "
@@ -541,7 +544,9 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "train_loss": result.training_loss,
         "first_loss": first_last("loss")[0],
         "final_loss": first_last("loss")[1],
-        "seconds": time.time() - t0,
+        "wall_seconds": time.perf_counter() - t0,
+        "tokens": progress.tokens(trainer.state) or None,  # None: this trl trainer counts none
+        **progress.timing(),
         "trainable_params": trainable,
         "total_params": total,
         "dtype": dtype_name,
@@ -589,10 +594,11 @@ def main(argv=None):
     with step_run("align", recipe) as run:
         s = align(args.base, args.data, recipe, args.out, args.checkpoints, run)
         run.log_metrics({k: v for k, v in s.items() if k.startswith(("first_", "final_")) or
-                         k in ("train_loss", "seconds", "steps", "trainable_params")})
+                         k in ("train_loss", "tokens_per_s", "wall_seconds", "warmup_seconds", "steps",
+                               "trainable_params")})
         run.log_artifact(Path(args.out) / "training.json")
     print(f"aligned {s['stage']}{'/' + s['variant'] if s['variant'] else ''}/{s['train_type']}: {s['steps']} steps "
-          f"in {s['seconds']:.0f} s, loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} -> {args.out}")
+          f"in {s['wall_seconds']:.0f} s, loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def training_runs(train_dirs: list[str], results: Path) -> list[dict]:
             "loss": [loss for _, loss in steps],
             "final_loss": t.get("final_loss"),
             "tokens_per_s": t.get("tokens_per_s"),
-            "seconds": t.get("seconds"),
+            "seconds": t.get("wall_seconds"),
             "max_rss_mb": benchmark_rss(bench),
         })
     return sorted(runs, key=lambda r: r["name"])

@@ -374,38 +374,90 @@ class Preempted:
         print(f"received {self.signal}: saving a checkpoint and stopping", file=sys.stderr, flush=True)
 
 
-def make_callback(run, preempted: Preempted, total_steps: int):
-    """A TrainerCallback that logs to MLflow, prints progress lines and handles preemption."""
+WARMUP_STEPS = 3  # steps left out of the steady-state rate: compile, recompiles, allocator and optimizer set-up
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that a host clock read after it marks the end of that work."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def make_callback(run, preempted: Preempted, total_steps: int, tokens=None):
+    """A TrainerCallback that logs to MLflow, prints progress lines, handles preemption and times
+    the run (its ``timing()`` goes into training.json).
+
+    Steady state runs from the end of step ``k0`` (``WARMUP_STEPS`` after the first step of this
+    session, fewer when the session has at most twice as many steps) to the end of the last
+    step, each end read after a device synchronisation; the final checkpoint and model save come
+    after it. ``tokens(state)`` counts the tokens seen (default ``state.num_input_tokens_seen``).
+    Each log sends MLflow ``interval_tokens_per_s``, the rate since the previous log (logging reads
+    the loss, which waits for the device); the step logs the steady ``tokens_per_s`` at the end.
+    """
     from transformers import TrainerCallback
+
+    count = tokens or (lambda state: state.num_input_tokens_seen)
 
     class Progress(TrainerCallback):
         def __init__(self):
-            self.t0 = time.time()
+            self.t0 = time.perf_counter()
             self.start_step = None
-            self.tokens0 = 0
+            self.k0 = 0
+            self.marks = {}  # "begin" / "warm" / "end" -> (step, tokens, perf_counter)
+            self.last_log = None
+            self.tokens = count  # tokens(state): tokens seen so far
+
+        def _mark(self, name, state):
+            _sync()
+            self.marks[name] = (state.global_step, count(state), time.perf_counter())
 
         def on_train_begin(self, args, state, control, **kw):
             self.start_step = state.global_step
-            self.tokens0 = state.num_input_tokens_seen
-            self.t0 = time.time()
+            self.k0 = min(WARMUP_STEPS, max(state.max_steps - state.global_step, 0) // 2)
+            self.marks = {}
+            self._mark("begin", state)
+            self.t0 = self.marks["begin"][2]
+            self.last_log = self.marks["begin"]
 
         def on_step_end(self, args, state, control, **kw):
             if preempted.signal:
                 control.should_save = True
                 control.should_training_stop = True
+            if state.global_step - self.start_step == self.k0 and self.k0:
+                self._mark("warm", state)
+            if state.global_step >= state.max_steps or control.should_training_stop:
+                self._mark("end", state)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
-            elapsed = max(time.time() - self.t0, 1e-9)
-            done = state.global_step - (self.start_step or 0)
-            tps = (state.num_input_tokens_seen - self.tokens0) / elapsed
-            logs["tokens_per_s"] = tps
+            now, seen = time.perf_counter(), count(state)
+            step0, seen0, t_prev = self.last_log
+            tps = (seen - seen0) / max(now - t_prev, 1e-9)
+            if "loss" in logs and state.global_step > step0:  # a training log, not the end-of-training summary
+                self.last_log = (state.global_step, seen, now)
+                logs["interval_tokens_per_s"] = tps
             run.log_metrics({k: v for k, v in logs.items() if k != "epoch"}, step=state.global_step)
             if "loss" in logs:
-                eta = (total_steps - state.global_step) * elapsed / max(done, 1)
+                done = state.global_step - (self.start_step or 0)
+                eta = (total_steps - state.global_step) * (now - self.t0) / max(done, 1)
                 print(f"step {state.global_step}/{total_steps} | loss {logs['loss']:.4f} | "
                       f"lr {logs.get('learning_rate', 0):.2e} | {tps:,.0f} tok/s | "
                       f"ETA {eta / 60:.1f} min", flush=True)
+
+        def timing(self) -> dict:
+            """Steady-state tokens/s and warm-up time of this session (see make_callback)."""
+            begin = self.marks.get("begin")
+            end = self.marks.get("end")
+            if begin is None or end is None:
+                return {"tokens_per_s": None, "warmup_seconds": None, "warmup_steps": 0,
+                        "steady_steps": 0, "steady_tokens": 0, "steady_seconds": None}
+            warm = self.marks.get("warm", begin)
+            steps, toks, secs = end[0] - warm[0], end[1] - warm[1], end[2] - warm[2]
+            return {"tokens_per_s": toks / secs if toks and secs > 0 else None,
+                    "warmup_seconds": warm[2] - begin[2], "warmup_steps": warm[0] - begin[0],
+                    "steady_steps": steps, "steady_tokens": toks, "steady_seconds": secs}
 
     return Progress()
 
@@ -501,13 +553,14 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     args = TrainingArguments(**trainer_args(recipe, checkpoints, cuda, dtype_name, total_steps),
                              remove_unused_columns=False)
     preempted = Preempted()
+    progress = make_callback(run or NullRun(), preempted, total_steps)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=kernels.PackedCollator(tokenizer.pad_token_id) if speedups.get("packing")
         else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[make_callback(run or NullRun(), preempted, total_steps)],
+        callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)  # the progress callback prints instead
     resume = latest_checkpoint(checkpoints)
@@ -516,7 +569,9 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     on = ", ".join(k for k in kernels.OPTION_KEYS if speedups.get(k)) or "none"
     print(f"training {stage}/{train_type}: {trainable:,} of {total:,} parameters trainable, {total_steps} steps, "
           f"batch {batch}x{accum}x{world}, {dtype_name}, speed-ups: {on}", flush=True)
-    t0 = time.time()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     if preempted.signal:
         print(f"stopped by {preempted.signal} at step {trainer.state.global_step}; checkpoint in "
@@ -524,7 +579,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         sys.exit(EXIT_REQUEUE)
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    seconds = time.time() - t0
+    wall = time.perf_counter() - t0
     summary = {
         "stage": stage,
         "train_type": train_type,
@@ -534,8 +589,9 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "first_loss": losses[0] if losses else result.training_loss,
         "final_loss": losses[-1] if losses else result.training_loss,
         "tokens": trainer.state.num_input_tokens_seen,
-        "seconds": seconds,
-        "tokens_per_s": trainer.state.num_input_tokens_seen / max(seconds, 1e-9),
+        "wall_seconds": wall,  # the whole trainer.train(): warm-up, steps, checkpoint saves
+        **progress.timing(),  # tokens_per_s: steady state, after the warm-up steps, before any save
+        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "trainable_params": trainable,
         "total_params": total,
         "dtype": dtype_name,
@@ -590,10 +646,13 @@ def main(argv=None):
 
     with step_run("train", recipe) as run:
         s = train(args.base, args.data, recipe, args.out, args.checkpoints, run, args.cache_dir)
-        run.log_metrics({k: s[k] for k in ("train_loss", "tokens_per_s", "seconds", "steps", "trainable_params")})
+        run.log_metrics({k: s[k] for k in ("train_loss", "tokens_per_s", "wall_seconds", "warmup_seconds", "steps",
+                                           "trainable_params", "gpu_peak_gib") if s[k] is not None})
         run.log_artifact(Path(args.out) / "training.json")
-    print(f"trained {s['stage']}/{s['train_type']}: {s['steps']} steps in {s['seconds']:.0f} s, "
-          f"loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}, {s['tokens_per_s']:,.0f} tok/s -> {args.out}")
+    rate = f"{s['tokens_per_s']:,.0f} tok/s after {s['warmup_steps']} warm-up steps ({s['warmup_seconds']:.0f} s)" \
+        if s["tokens_per_s"] else "tokens/s not measured"
+    print(f"trained {s['stage']}/{s['train_type']}: {s['steps']} steps in {s['wall_seconds']:.0f} s, "
+          f"loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}, {rate} -> {args.out}")
 
 
 if __name__ == "__main__":
