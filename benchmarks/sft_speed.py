@@ -4,15 +4,16 @@ Runs, in ONE process on the GPU machine, the reference baseline (``run`` of
 ``shared/bench/hf_peft_baseline.py``, imported from ``--baseline``) and snaketune's path on the same
 random-init Qwen2.5-architecture models, the same data (the baseline's own batch generator and
 seed), the same batch shapes and the same timing and MFU formula. snaketune's path is the train
-step's code: ``snaketune.train`` wraps the model for the recipe (``prepare_model`` when train.py
-has it, else its ``wrap_model`` after the same gradient-checkpointing call), then
-``snaketune.kernels.apply_speedups`` with ``resolve_options(recipe, cuda=True)``; the step runs
+step's code: ``snaketune.train.prepare_model`` (gradient checkpointing, the train type's wrapping,
+then ``snaketune.kernels.apply_speedups`` with ``resolve_options(recipe, cuda=True)``); the step runs
 under bf16 autocast with fused AdamW, as ``transformers.Trainer`` with ``bf16=True`` and
 ``optim="adamw_torch_fused"`` does.
 
-Before timing, every snaketune row checks on the first two rows of its first batch that its loss
-(and the norm of the trainable gradients) equals the plain HF forward's on the same weights,
-within bf16 tolerance; LoRA B matrices are drawn non-zero first so the adapters matter.
+Before timing, every snaketune row checks that its loss (and the norm of the trainable gradients)
+on the first batch equals that of an unpatched reference model within bf16 tolerance: an
+independent copy of the same weights prepared with every speed-up off (``prepare_pair``; the
+row fails if the two share a module, a parameter or a patched forward). LoRA B matrices are
+drawn non-zero first so the adapters matter.
 
     python benchmarks/sft_speed.py --baseline ../shared/bench/hf_peft_baseline.py --out DIR \
         [--only NAME,...] [--steps 12 --warm 3]
@@ -42,11 +43,17 @@ LORA = {"train_type": "lora", "lora": {"r": 8, "alpha": 32, "dropout": 0.0, "tar
 FULL = {"train_type": "full", "master_weights": "dtype"}
 FULL32 = {"train_type": "full", "master_weights": "fp32"}
 FAST = {"fused_ce": True, "fast_lora": True, "packing": True}
+PLAIN = {"fused_ce": False, "fast_lora": False, "packing": False, "compile": False}
+# recipe keys of the speed-ups (kernels.resolve_options reads them); the reference model gets none
+SPEED_KEYS = ("fused_ce", "liger", "fast_lora", "packing", "compile", "ce_chunk_tokens", "ce_impl", "varlen_rows",
+              "compile_dynamic")
 
 # name: (size, train, mode, batch, baseline gc, snaketune recipe or None for a baseline row)
 C4K = {"compile": True, "ce_chunk_tokens": 4096}  # larger CE chunks where memory allows
 PLAN = [
     ("base-7b-lora-4", "7b", "lora", "pack", 4, True, None),
+    ("base-7b-lora-4-nogc", "7b", "lora", "pack", 4, False, None),
+    ("st-7b-lora-4-c4k", "7b", "lora", "pack", 4, False, {**LORA, **FAST, **C4K}),
     ("st-7b-lora-4", "7b", "lora", "pack", 4, False, {**LORA, **FAST, "compile": True}),
     ("st-7b-lora-4-nocompile", "7b", "lora", "pack", 4, False, {**LORA, **FAST, "compile": False}),
     ("base-7b-lora-1-gc", "7b", "lora", "pack", 1, True, None),
@@ -58,6 +65,12 @@ PLAN = [
     ("st-1.5b-full-8-vr", "1.5b", "full", "pack", 8, False, {**FULL, **FAST, **C4K, "varlen_rows": True}),
     ("st-1.5b-full-12", "1.5b", "full", "pack", 12, False, {**FULL, **FAST, **C4K}),
     ("st-1.5b-full-4-fp32m", "1.5b", "full", "pack", 4, False, {**FULL32, **FAST, **C4K}),
+    ("st-1.5b-full-4-fp32m-nocompile", "1.5b", "full", "pack", 4, False,
+     {**FULL32, **FAST, "compile": False, "ce_chunk_tokens": 4096}),
+    ("st-1.5b-full-4-fp32m-chunkdefault", "1.5b", "full", "pack", 4, False, {**FULL32, **FAST, "compile": True}),
+    # plain transformers with fp32 master weights under bf16 autocast (no speed-up): the baseline
+    # of the full-fine-tuning default, which the shared baseline script has no row for
+    ("plain-1.5b-full-4-fp32m", "1.5b", "full", "pack", 4, False, {**FULL32, **PLAIN}),
     ("st-1.5b-full-12-fp32m", "1.5b", "full", "pack", 12, False, {**FULL32, **FAST, **C4K}),
     ("base-0.5b-full-8", "0.5b", "full", "pack", 8, False, None),
     ("st-0.5b-full-8", "0.5b", "full", "pack", 8, False, {**FULL, **FAST, **C4K}),
@@ -102,24 +115,62 @@ def versions() -> dict:
 
 
 def prepare(model, recipe: dict):
-    """snaketune's model preparation for ``recipe`` (train.py's own functions), then the speed-ups."""
-    from snaketune import kernels, train
+    """snaketune's model preparation for ``recipe``: the train step's own ``prepare_model``."""
+    from snaketune import train
 
-    if hasattr(train, "prepare_model"):
-        return train.prepare_model(model, recipe, cuda=True), "train.prepare_model"
-    if recipe.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = train.wrap_model(model, recipe)
-    return model, "train.wrap_model + kernels.apply_speedups"
+    return train.prepare_model(model, recipe, cuda=True), "train.prepare_model"
 
 
-def speedups(model, recipe: dict):
+def plain_recipe(recipe: dict) -> dict:
+    """``recipe`` with every speed-up off (same train type, LoRA config, checkpointing)."""
+    return {**{k: v for k, v in recipe.items() if k not in SPEED_KEYS}, **PLAIN}
+
+
+def nonzero_lora_b(model) -> None:
+    """Draw every LoRA B matrix non-zero (peft starts them at 0), so the loss check sees the adapters."""
+    import torch
+
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=g)
+
+
+def prepare_pair(model, recipe: dict, init=None):
+    """(reference, candidate, how): the candidate is ``model`` prepared as the train step does
+    (then ``init(candidate)``); the reference an independent copy taken before, prepared with
+    every speed-up off and given the candidate's weights (wrapping draws LoRA A at random)."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    candidate, how = prepare(model, recipe)
+    if init:
+        init(candidate)
+    reference, _ = prepare(reference, plain_recipe(recipe))
+    reference.load_state_dict(candidate.state_dict())
+    assert_unpatched(reference, candidate)
+    return reference, candidate, how
+
+
+def assert_unpatched(reference, candidate) -> None:
+    """Raise unless ``reference`` is a separate, unpatched model: no module or parameter shared
+    with ``candidate``, every module running its class's own forward, nothing compiled, and
+    transformers' own attention."""
     from snaketune import kernels
 
-    if getattr(model, "snaketune_speedups", None) is None:
-        kernels.apply_speedups(model, kernels.resolve_options(recipe, cuda=True))
-    return model.snaketune_speedups
+    if reference is candidate:
+        raise AssertionError("the reference is the candidate model itself")
+    shared = {id(m) for m in reference.modules()} & {id(m) for m in candidate.modules()}
+    shared |= {p.data_ptr() for p in reference.parameters()} & {p.data_ptr() for p in candidate.parameters()}
+    if shared:
+        raise AssertionError(f"reference and candidate share {len(shared)} modules/parameters")
+    for name, module in reference.named_modules():
+        if "forward" in vars(module) or getattr(module, "_compiled_call_impl", None) is not None:
+            raise AssertionError(f"reference module {name or type(module).__name__} has a patched or compiled forward")
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) == kernels.ATTN_NAME:
+            raise AssertionError(f"reference module {name or type(module).__name__} uses snaketune's attention")
 
 
 def trainable_grad_norm(model) -> float:
@@ -137,8 +188,8 @@ def packed_batch(ids, mask):
     return PackedCollator()(feats)
 
 
-def loss_check(bl, model, recipe, ids, mask, rows_per_piece=2):
-    """Loss and grad norm of the plain HF forward vs snaketune's on the same batch and weights.
+def loss_check(reference, model, ids, mask, rows_per_piece=2):
+    """Loss and grad norm of the unpatched ``reference`` vs snaketune's ``model`` (same weights).
 
     snaketune's path takes the whole first batch (so it compiles for the shape it then trains
     on); the plain path, which would run out of memory at the batch sizes the fast path takes,
@@ -147,6 +198,7 @@ def loss_check(bl, model, recipe, ids, mask, rows_per_piece=2):
     """
     import torch
 
+    reference.train()
     model.train()
     labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
     n_items = (labels[:, 1:] != -100).sum()
@@ -157,7 +209,7 @@ def loss_check(bl, model, recipe, ids, mask, rows_per_piece=2):
         if mask is not None:  # plain: padded, pad labels masked; snaketune: the same samples packed
             piece["attention_mask"] = mask[a:a + rows_per_piece]
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**piece).loss
+            loss = reference(**piece).loss
         loss.backward()
         ref += float(loss.detach())
         del loss
@@ -165,9 +217,9 @@ def loss_check(bl, model, recipe, ids, mask, rows_per_piece=2):
         fast = {"input_ids": ids, "labels": ids}
     else:
         fast = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in packed_batch(ids.cpu(), mask.cpu()).items()}
-    ref_norm = trainable_grad_norm(model)
-    model.zero_grad(set_to_none=True)
-    applied = speedups(model, recipe)
+    ref_norm = trainable_grad_norm(reference)
+    reference.zero_grad(set_to_none=True)
+    applied = getattr(model, "snaketune_speedups", None) or {}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(**fast)
     out.loss.backward()
@@ -208,16 +260,12 @@ def run_snaketune(bl, size, train_type, mode, bs, recipe, seq=2048, steps=12, wa
         m = m.float()  # as train.load_model loads full recipes: fp32 master weights, bf16 autocast
     n_params = sum(p.numel() for p in m.parameters())
     n_nonemb = n_params - m.model.embed_tokens.weight.numel()
-    m, how = prepare(m, recipe)
-    if train_type == "lora":  # non-zero adapters, so the loss check sees them
-        g = torch.Generator(device="cuda").manual_seed(1)
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                with torch.no_grad():
-                    p.normal_(0, 0.02, generator=g)
+    reference, m, how = prepare_pair(m, recipe, init=nonzero_lora_b if train_type == "lora" else None)
     data = bl.batches(mode, bs, seq, rng, steps + warm)
     ids0, mask0, _ = data[0]
-    check, applied = loss_check(bl, m, recipe, ids0.cuda(), None if mask0 is None else mask0.cuda())
+    check, applied = loss_check(reference, m, ids0.cuda(), None if mask0 is None else mask0.cuda())
+    del reference
+    free_memory()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     params = [p for p in m.parameters() if p.requires_grad]

@@ -179,3 +179,48 @@ def test_resolve_options():
     assert kernels.resolve_options({}, cuda=False) == {k: False for k in kernels.OPTION_KEYS}
     on = kernels.resolve_options({"liger": False, "compile": True}, cuda=True)
     assert on == {"fused_ce": False, "fast_lora": True, "packing": True, "compile": True}
+
+
+def _sft_speed():
+    """benchmarks/sft_speed.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sft_speed.py"
+    spec = importlib.util.spec_from_file_location("sft_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("train_type", ["lora", "full"])
+def test_speed_bench_reference_is_an_unpatched_copy(train_type):
+    """The bench's loss check compares against a model that runs none of snaketune's code paths:
+    a separate copy (no shared module or parameter) whose modules run their class's forward, with
+    the candidate's weights, so that the check is not vacuous."""
+    pytest.importorskip("peft")
+    bench = _sft_speed()
+    recipe = {"train_type": train_type, "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"},
+              "fused_ce": True, "fast_lora": True, "packing": True, "compile": False}
+    reference, candidate, _ = bench.prepare_pair(tiny_qwen2(), recipe,
+                                                 init=bench.nonzero_lora_b if train_type == "lora" else None)
+    assert reference is not candidate
+    patched = [n for n, m in candidate.named_modules() if "forward" in vars(m)]
+    assert patched, "the candidate runs none of the speed-ups"
+    for name, module in reference.named_modules():
+        assert "forward" not in vars(module), name  # the class's own forward, not a patched one
+    ref_params = {p.data_ptr() for p in reference.parameters()}
+    assert not ref_params & {p.data_ptr() for p in candidate.parameters()}
+    for (name, a), b in zip(reference.state_dict().items(), candidate.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(AssertionError, match="itself"):
+        bench.assert_unpatched(candidate, candidate)
+    with pytest.raises(AssertionError, match="patched or compiled forward|snaketune's attention"):
+        bench.assert_unpatched(candidate, reference)
+    # the same loss from the plain path and the patched one (fused CE, packing, fast LoRA)
+    ids = torch.randint(0, 384, (2, 24))
+    reference.train(), candidate.train()
+    plain = reference(input_ids=ids, labels=ids).loss
+    fast = candidate(input_ids=ids, labels=ids).loss
+    assert fast.grad_fn is not None and plain.grad_fn is not None
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
