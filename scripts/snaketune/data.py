@@ -8,7 +8,9 @@ is validated; a bad row is reported as
 
 Formats: ``messages``, ``alpaca``, ``sharegpt`` (chat), ``text`` (raw text for pre-training),
 ``preference`` (prompt + chosen + rejected, each a string or a message list) and ``kto``
-(prompt + completion + boolean label). Output folder, each with a held-out twin ``*_test``:
+(prompt + completion + boolean label). ms-swift's own layouts are read too: ``query``/``response``/
+``history`` rows as ``messages``, ``messages`` + ``rejected_response`` (or ``rejected_messages``) as
+``preference``, ``messages`` + ``label`` as ``kto``. Output folder, each with a held-out twin ``*_test``:
 ``train.jsonl``/``test.jsonl`` (``{"messages": [...]}``), ``pretrain.jsonl`` (``{"text": ...}``),
 ``preference.jsonl`` and ``kto.jsonl`` in trl's conversational form, plus ``manifest.json`` (row
 counts, hashes, skipped rows). Files a format does not fill are empty.
@@ -17,6 +19,7 @@ counts, hashes, skipped rows). Files a format does not fill are empty.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import random
@@ -32,6 +35,9 @@ FORMATS = (*CHAT_FORMATS, "text", "preference", "kto")
 SPLITS = {"chat": ("train", "test"), "text": ("pretrain", "pretrain_test"),
           "preference": ("preference", "preference_test"), "kto": ("kto", "kto_test")}
 WRONG_OFFSETS = (-10, -2, -1, 1, 2, 10)  # the synthetic task's wrong answers: sum + offset
+# the kind of rows each training stage reads (train.py: pt/sft, align.py: the rest)
+STAGE_KIND = {"pt": "text", "sft": "chat", "grpo": "chat", "kto": "kto",
+              **{stage: "preference" for stage in ("dpo", "orpo", "simpo", "cpo", "rm")}}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "tool": "tool", "function_call": "assistant",
                   "observation": "tool"}
@@ -50,12 +56,22 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _str_field(row: dict, key: str, prefix: str = "") -> str:
+def _str_field(row: dict, key: str, prefix: str = "", nonempty: bool = False) -> str:
     if key not in row:
         raise RowError(prefix + key, "a string", "nothing (missing)")
     if not isinstance(row[key], str):
         raise RowError(prefix + key, "a string", row[key])
+    if nonempty and not row[key].strip():
+        raise RowError(prefix + key, "a non-empty string", row[key])
     return row[key]
+
+
+def kinds(params: dict) -> set[str]:
+    """The kinds of rows (``SPLITS`` keys) a dataset block fills: all for the synthetic task."""
+    if params.get("source", "synthetic") == "synthetic":
+        return set(SPLITS)
+    fmt = params.get("format", "messages")
+    return {"chat" if fmt in CHAT_FORMATS else fmt}
 
 
 MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content")
@@ -79,13 +95,49 @@ def check_message(msg, where: str) -> dict:
 
 
 def check_messages(messages, field: str = "messages") -> list[dict]:
-    """Validate an OpenAI-style message list with at least one assistant turn."""
+    """Validate an OpenAI-style message list that ends with an assistant turn (what SFT learns
+    and what evaluation scores against)."""
     if not isinstance(messages, list) or not messages:
         raise RowError(field, "a non-empty list of {role, content} objects", messages)
     out = [check_message(msg, f"{field}[{i}]") for i, msg in enumerate(messages)]
     if not any(m["role"] == "assistant" for m in out):
         raise RowError(field, "at least one assistant message", [m["role"] for m in out])
+    if out[-1]["role"] != "assistant":
+        raise RowError(f"{field}[{len(out) - 1}].role",
+                       "the last turn to be the assistant's answer (add it, or drop the trailing turns)",
+                       out[-1]["role"])
     return out
+
+
+def swift_messages(row: dict) -> list[dict]:
+    """ms-swift's query/response rows (``system``, ``history`` of [query, response] pairs,
+    ``query``, ``response``) as a validated message list."""
+    history = row.get("history") or []
+    if isinstance(history, str):  # ms-swift also reads a history stored as text (CSV)
+        try:
+            history = ast.literal_eval(history)
+        except (ValueError, SyntaxError):
+            raise RowError("history", "a list of [query, response] pairs", history) from None
+    if not isinstance(history, (list, tuple)):
+        raise RowError("history", "a list of [query, response] pairs", history)
+    msgs = []
+    system = row.get("system")
+    if isinstance(system, str) and system:
+        msgs.append({"role": "system", "content": system})
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise RowError(f"history[{i}]", "a [query, response] pair of strings", pair)
+        msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    msgs += [{"role": "user", "content": _str_field(row, "query", nonempty=True)},
+             {"role": "assistant", "content": _str_field(row, "response")}]
+    return check_messages(msgs, "query/response")
+
+
+def _row_messages(row: dict) -> list[dict]:
+    """A row's conversation: its ``messages``, or ms-swift's ``query``/``response``."""
+    if "messages" not in row and ("query" in row or "response" in row):
+        return swift_messages(row)
+    return check_messages(row.get("messages"), "messages")
 
 
 def check_tools(row: dict) -> dict:
@@ -109,13 +161,15 @@ def to_messages(row, fmt: str) -> list[dict]:
     if not isinstance(row, dict):
         raise RowError("<row>", "a JSON object", row)
     if fmt == "messages":
-        return check_messages(row.get("messages"), "messages")
+        return _row_messages(row)
     if fmt == "alpaca":
         instruction = _str_field(row, "instruction")
         extra = row.get("input") or ""
         if not isinstance(extra, str):
             raise RowError("input", "a string", extra)
-        user = f"{instruction}\n\n{extra}" if extra else instruction
+        user = "\n\n".join(part for part in (instruction, extra) if part)
+        if not user.strip():
+            raise RowError("instruction", "a non-empty string (the request; or the request in input)", instruction)
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _str_field(row, "output")}]
         system = row.get("system")
         return ([{"role": "system", "content": system}] if isinstance(system, str) and system else []) + msgs
@@ -145,6 +199,36 @@ def _turns(row: dict, key: str, role: str) -> list[dict]:
     return [check_message(msg, f"{key}[{i}]") for i, msg in enumerate(value)]
 
 
+def _swift_layout(row: dict) -> bool:
+    """True for ms-swift's rows (a conversation in ``messages`` or ``query``/``response``) rather
+    than trl's (``prompt`` + answers)."""
+    return "prompt" not in row and any(k in row for k in ("messages", "query", "response"))
+
+
+def _prompt_and_answer(row: dict) -> tuple[list[dict], list[dict]]:
+    """ms-swift: the turns before the last assistant message, and that message."""
+    msgs = _row_messages(row)
+    if len(msgs) < 2:
+        raise RowError("messages", "a prompt before the answer (a user turn, then the assistant's)",
+                       [m["role"] for m in msgs])
+    return msgs[:-1], [msgs[-1]]
+
+
+def swift_rejected(row: dict, prompt: list[dict]) -> list[dict]:
+    """ms-swift's rejected answer: ``rejected_response`` (a string) or the last assistant message of
+    ``rejected_messages`` (the same conversation with another answer)."""
+    if "rejected_messages" in row:
+        rejected = check_messages(row["rejected_messages"], "rejected_messages")
+        if rejected[:-1] and rejected[:-1] != prompt:
+            raise RowError("rejected_messages", "the turns of messages with another last answer",
+                           row["rejected_messages"])
+        return rejected[-1:]
+    if "rejected_response" not in row:
+        raise RowError("rejected_response", "a string (or rejected_messages: the conversation with the "
+                       "rejected answer)", "nothing (missing)")
+    return [{"role": "assistant", "content": _str_field(row, "rejected_response")}]
+
+
 def to_row(row, fmt: str) -> dict:
     """Validate one row of format ``fmt`` and return it in the normalised form of its kind."""
     if fmt in CHAT_FORMATS:
@@ -154,22 +238,55 @@ def to_row(row, fmt: str) -> dict:
     if fmt == "text":
         return {"text": _str_field(row, "text")}
     if fmt == "preference":
-        return {"prompt": _turns(row, "prompt", "user"), "chosen": _turns(row, "chosen", "assistant"),
-                "rejected": _turns(row, "rejected", "assistant"), **check_tools(row)}
+        if _swift_layout(row):
+            prompt, chosen = _prompt_and_answer(row)
+            rejected = swift_rejected(row, prompt)
+        else:
+            prompt, chosen = _turns(row, "prompt", "user"), _turns(row, "chosen", "assistant")
+            rejected = _turns(row, "rejected", "assistant")
+        if rejected == chosen:
+            raise RowError("rejected", "an answer that differs from the chosen one (the pair teaches nothing; "
+                           "fix or drop it)", rejected[-1].get("content"))
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **check_tools(row)}
     if fmt == "kto":
         if not isinstance(row.get("label"), bool):
             raise RowError("label", "true (desirable) or false (undesirable)", row.get("label", "nothing (missing)"))
-        return {"prompt": _turns(row, "prompt", "user"), "completion": _turns(row, "completion", "assistant"),
-                "label": row["label"], **check_tools(row)}
+        if _swift_layout(row):
+            prompt, completion = _prompt_and_answer(row)
+        else:
+            prompt, completion = _turns(row, "prompt", "user"), _turns(row, "completion", "assistant")
+        return {"prompt": prompt, "completion": completion, "label": row["label"], **check_tools(row)}
     raise SnaketuneError(f"unknown dataset format {fmt!r}: use {', '.join(FORMATS)}")
 
 
+def _utf8_error(path: Path, data: bytes, err: UnicodeDecodeError) -> SnaketuneError:
+    line = data.count(b"\n", 0, err.start) + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return SnaketuneError(f"{path}:{line}:{column}: not UTF-8 text ({err.reason}, byte "
+                          f"0x{data[err.start]:02x}): save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
+def _csv_row(row: dict) -> dict:
+    """A CSV row as its text cells (no numbers or NaN guessed by pandas); ``label`` true/false is a bool."""
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        row["label"] = label.strip().lower() == "true"
+    return row
+
+
 def read_rows(path: Path):
-    """Yield (line_number, row) from a JSONL, JSON, Parquet or CSV file; bad JSON is a RowError."""
+    """Yield (line_number, row) from a JSONL, JSON, Parquet or CSV file; a line that is not UTF-8
+    or not JSON is a RowError (so skip_bad_rows can count it)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield n, RowError("<line>", "UTF-8 text", f"byte 0x{raw[err.start]:02x} at column {err.start + 1} "
+                                      "(save the file as UTF-8)")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -177,16 +294,41 @@ def read_rows(path: Path):
                 except json.JSONDecodeError as err:
                     yield n, RowError("<line>", "one JSON object per line", f"invalid JSON ({err.msg})")
     elif suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        if not data.strip():
+            return
+        try:
+            rows = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise _utf8_error(path, data, err) from None
+        except json.JSONDecodeError as err:
+            raise SnaketuneError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg}): fix the file "
+                                 "(or write it as JSONL, one row per line, where skip_bad_rows can drop "
+                                 "bad lines)") from None
         if not isinstance(rows, list):
             raise SnaketuneError(f"{path}: expected a JSON list of rows at top level")
         yield from enumerate(rows, 1)
-    elif suffix in (".parquet", ".csv"):
+    elif suffix == ".parquet":
         import pandas as pd
 
-        frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
-        for n, row in enumerate(frame.to_dict("records"), 1 if suffix == ".parquet" else 2):
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as err:  # pyarrow's errors have no common base
+            raise SnaketuneError(f"{path}: not a readable Parquet file ({err}): write it again, or use JSONL") from None
+        for n, row in enumerate(frame.to_dict("records"), 1):
             yield n, {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+    elif suffix == ".csv":
+        import pandas as pd
+
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _utf8_error(path, data, err) from None
+        if not data.strip():
+            return
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        yield from enumerate((_csv_row(r) for r in frame.to_dict("records")), 2)
     else:
         raise SnaketuneError(f"{path}: unsupported file type {suffix!r}: use .jsonl, .json, .parquet or .csv")
 
@@ -209,11 +351,17 @@ def hub_rows(params: dict):
     yield from enumerate(rows, 1)
 
 
+def _listing(problems: list[str], most: int = 20) -> str:
+    more = f"\n  ... and {len(problems) - most} more" if len(problems) > most else ""
+    return "\n  ".join(problems[:most]) + more
+
+
 def validate_rows(numbered_rows, where: str, fmt: str, skip_bad_rows: bool) -> tuple[list[dict], list[str]]:
     """Convert and validate rows; returns (rows, problems).
 
-    With ``skip_bad_rows`` bad rows are dropped and reported in ``problems``; otherwise any bad
-    row raises a SnaketuneError that lists every problem (where:line, field, expected vs found).
+    With ``skip_bad_rows`` bad rows are dropped and reported in ``problems`` (unless every row is
+    bad); otherwise any bad row raises a SnaketuneError that lists every problem (where:line,
+    field, expected vs found).
     """
     rows, problems = [], []
     for n, row in numbered_rows:
@@ -224,21 +372,30 @@ def validate_rows(numbered_rows, where: str, fmt: str, skip_bad_rows: bool) -> t
         except RowError as err:
             problems.append(f"{where}:{n}: {err}")
     if problems and not skip_bad_rows:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise SnaketuneError(
-            f"{len(problems)} bad row(s) in {where} (format {fmt!r}):\n  {shown}{more}\n"
+            f"{len(problems)} bad row(s) in {where} (format {fmt!r}):\n  {_listing(problems)}\n"
             "Fix the rows, or set skip_bad_rows: true on the dataset to drop them (they are counted)."
+        )
+    if problems and not rows:
+        raise SnaketuneError(
+            f"every row of {where} is bad: skip_bad_rows skipped all {len(problems)}, which leaves nothing to "
+            f"train or evaluate on (format {fmt!r}). First problems:\n  {_listing(problems, 10)}\n"
+            "Fix the rows, or check that the dataset's format fits the file."
         )
     return rows, problems
 
 
-def load_local(path: str, fmt: str, skip_bad_rows: bool = False) -> tuple[list[dict], list[str]]:
-    """Read and validate a local dataset file; see ``validate_rows``."""
+def load_local(path: str, fmt: str, skip_bad_rows: bool = False, key: str = "path") -> tuple[list[dict], list[str]]:
+    """Read and validate a local dataset file (``key``: its config key, for messages); see
+    ``validate_rows``. A file without rows is an error."""
     file = Path(path)
     if not file.is_file():
-        raise SnaketuneError(f"dataset file {file} does not exist: fix datasets.<name>.path in the config")
-    return validate_rows(read_rows(file), str(file), fmt, skip_bad_rows)
+        raise SnaketuneError(f"dataset file {file} does not exist: fix datasets.<name>.{key} in the config")
+    rows, problems = validate_rows(read_rows(file), str(file), fmt, skip_bad_rows)
+    if not rows:
+        raise SnaketuneError(f"dataset file {file} has no rows (it is empty): fill it, or fix "
+                             f"datasets.<name>.{key} in the config")
+    return rows, problems
 
 
 def addition_task(params: dict) -> dict[str, list[dict]]:
@@ -308,12 +465,14 @@ def build(params: dict) -> tuple[dict[str, list[dict]], list[str]]:
     if source in ("hf", "modelscope"):
         where = f"{params['repo']}[{params.get('split', 'train')}]"
         rows, problems = validate_rows(hub_rows(params), where, fmt, skip)
+        if not rows:
+            raise SnaketuneError(f"{where} has no rows: check datasets.<name>.repo, subset and split")
     elif source == "local":
         rows, problems = load_local(params["path"], fmt, skip)
     else:
         raise SnaketuneError(f"unknown dataset source {source!r}: use synthetic, local, hf or modelscope")
     if params.get("test_path"):
-        test, more = load_local(params["test_path"], fmt, skip)
+        test, more = load_local(params["test_path"], fmt, skip, key="test_path")
         problems += more
         train = split(rows, 0, seed)[0]
     else:

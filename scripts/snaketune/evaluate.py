@@ -33,7 +33,7 @@ def load_cases(data_dir: Path, split: str, limit: int | None) -> list[tuple[list
     """(prompt messages, reference answer) pairs from ``<split>.jsonl``."""
     path = data_dir / f"{split}.jsonl"
     if not path.is_file():
-        raise SnaketuneError(f"benchmark split {path} does not exist: set evaluation.benches.<name>.split "
+        raise SnaketuneError(f"benchmark split {path} does not exist: set benches.<name>.split "
                              "to a split the dataset step writes (train or test)")
     cases = []
     with open(path, encoding="utf-8") as fh:
@@ -41,6 +41,9 @@ def load_cases(data_dir: Path, split: str, limit: int | None) -> list[tuple[list
             if line.strip():
                 msgs = json.loads(line)["messages"]
                 cases.append((msgs[:-1], msgs[-1]["content"]))
+    if not cases:
+        raise SnaketuneError(f"benchmark split {path} has no rows: give the bench's dataset chat rows in that "
+                             "split (test_size or test_path for test), or set benches.<name>.split")
     return cases[:limit] if limit else cases
 
 

@@ -1,0 +1,135 @@
+"""Bad input (issue 17): data that used to be accepted although wrong, crashes, valid data that was
+refused, config mistakes found only after other jobs ran, and the server's answers to malformed
+requests. Each case ends in a clear message (file and line or key, and the fix) or the right result."""
+
+import json
+
+import pytest
+
+from snaketune.data import build, load_local, prepare
+from snaketune.errors import SnaketuneError
+
+Q, A = {"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}
+
+
+def write_jsonl(path, rows):
+    path.write_bytes(b"".join(r if isinstance(r, bytes) else json.dumps(r).encode() + b"\n" for r in rows))
+    return path
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(SnaketuneError) as err:
+        fn(*args, **kwargs)
+    return str(err.value)
+
+
+# ---------------------------------------------------------------------------------- accepted but wrong
+
+
+def test_conversation_ending_with_a_user_turn_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [Q, A]}, {"messages": [Q, A, Q]}])
+    msg = error_of(load_local, str(path), "messages")
+    assert f"{path}:2: field 'messages[2].role': expected the last turn to be the assistant's answer" in msg
+    assert "found 'user'" in msg and "skip_bad_rows" in msg
+
+
+def test_empty_alpaca_instruction_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "", "input": "", "output": "5"},
+                                              {"instruction": "", "input": "2+3", "output": "5"}])
+    msg = error_of(load_local, str(path), "alpaca")
+    assert f"{path}:1: field 'instruction': expected a non-empty string" in msg
+    assert "1 bad row(s)" in msg  # the request may also stand in `input` alone (row 2)
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "What is 2+3?", "chosen": "5", "rejected": [{"role": "assistant", "content": "5"}]},
+    {"messages": [Q, A], "rejected_response": "5"},
+])
+def test_preference_pair_with_equal_answers_is_refused(tmp_path, row):
+    path = write_jsonl(tmp_path / "p.jsonl", [row])
+    msg = error_of(load_local, str(path), "preference")
+    assert f"{path}:1: field 'rejected': expected an answer that differs from the chosen one" in msg
+
+
+def test_empty_test_file_is_refused_and_an_empty_bench_split_is_a_message(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": [Q, A]}] * 3)
+    (tmp_path / "test.jsonl").write_bytes(b"")
+    msg = error_of(build, {"source": "local", "path": str(train), "test_path": str(tmp_path / "test.jsonl")})
+    assert f"dataset file {tmp_path / 'test.jsonl'} has no rows" in msg and "datasets.<name>.test_path" in msg
+    from snaketune.evaluate import evaluate  # a dataset folder whose test split is empty (as eval saw it)
+
+    msg = error_of(evaluate, str(tmp_path / "no-model"), str(tmp_path), {"split": "test"})
+    assert f"benchmark split {tmp_path / 'test.jsonl'} has no rows" in msg and "benches.<name>.split" in msg
+
+
+def test_skip_mode_that_leaves_no_rows_fails_saying_why(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [Q]}, b"not json\n", {"messages": [Q, A, Q]}])
+    msg = error_of(prepare, {"source": "local", "path": str(path), "skip_bad_rows": True}, tmp_path / "out")
+    assert f"every row of {path} is bad: skip_bad_rows skipped all 3" in msg
+    assert f"{path}:1: field 'messages'" in msg and f"{path}:2: field '<line>'" in msg
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------- crashes -> messages
+
+
+def test_invalid_utf8_line_is_a_bad_row_also_in_skip_mode(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [Q, A]}, b'{"messages": "caf\xe9"}\n', {"messages": [Q, A]}])
+    msg = error_of(load_local, str(path), "messages")
+    assert f"{path}:2: field '<line>': expected UTF-8 text, found 'byte 0xe9 at column 18" in msg
+    manifest = prepare({"source": "local", "path": str(path), "skip_bad_rows": True, "test_size": 1}, tmp_path / "out")
+    assert manifest["skipped_rows"] == 1 and manifest["problems"][0].startswith(f"{path}:2: ")
+    assert manifest["rows"]["train"] + manifest["rows"]["test"] == 2
+
+
+@pytest.mark.parametrize("name, data, where", [
+    ("d.json", b'[\n  {"messages": []},\n  {"messages": [}\n]\n', ":3:17: invalid JSON"),
+    ("d.json", b'[\n  {"text": "caf\xe9"}\n]\n', ":2:16: not UTF-8 text"),
+    ("d.csv", b"instruction,output\nq,a\nq\xe9,a\n", ":3:2: not UTF-8 text"),
+])
+def test_unreadable_file_names_file_line_and_column(tmp_path, name, data, where):
+    (tmp_path / name).write_bytes(data)
+    msg = error_of(load_local, str(tmp_path / name), "messages")
+    assert f"{tmp_path / name}{where}" in msg
+
+
+# ---------------------------------------------------------------------------------- valid, now accepted
+
+
+def test_csv_with_number_answers_and_empty_input_cells(tmp_path):
+    (tmp_path / "a.csv").write_text('instruction,input,output\nWhat is 2+3?,,5\nAdd,2 and 3,5\n"Say 0.50",,0.50\n')
+    rows, problems = load_local(str(tmp_path / "a.csv"), "alpaca")
+    assert not problems
+    assert [r["messages"] for r in rows] == [
+        [Q, A], [{"role": "user", "content": "Add\n\n2 and 3"}, A],
+        [{"role": "user", "content": "Say 0.50"}, {"role": "assistant", "content": "0.50"}]]  # text, not 0.5
+    (tmp_path / "k.csv").write_text("prompt,completion,label\nWhat is 2+3?,5,True\nWhat is 2+3?,6,false\n")
+    rows, _ = load_local(str(tmp_path / "k.csv"), "kto")
+    assert [(r["completion"][0]["content"], r["label"]) for r in rows] == [("5", True), ("6", False)]
+
+
+def test_ms_swift_layouts_are_read(tmp_path):
+    system = {"role": "system", "content": "Be brief."}
+    wrong = {"role": "assistant", "content": "6"}
+    want = {"prompt": [system, Q], "chosen": [A], "rejected": [wrong]}
+    pref = write_jsonl(tmp_path / "pref.jsonl", [
+        {"messages": [system, Q, A], "rejected_response": "6"},
+        {"messages": [system, Q, A], "rejected_messages": [system, Q, wrong]},
+        {"system": "Be brief.", "query": "What is 2+3?", "response": "5", "rejected_response": "6"},
+    ])
+    rows, _ = load_local(str(pref), "preference")
+    assert rows == [want] * 3
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"query": "What is 2+3?", "response": "5", "history": [["Hi", "Hello"]]},
+        {"query": "What is 2+3?", "response": "5", "history": "[['Hi', 'Hello']]"},  # history as text (CSV)
+    ])
+    rows, _ = load_local(str(chat), "messages")
+    hello = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert [r["messages"] for r in rows] == [hello + [Q, A]] * 2
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"messages": [Q, wrong], "label": False}])
+    rows, _ = load_local(str(kto), "kto")
+    assert rows == [{"prompt": [Q], "completion": [wrong], "label": False}]
+    other = write_jsonl(tmp_path / "other.jsonl", [
+        {"messages": [Q, A], "rejected_messages": [{"role": "user", "content": "What is 1+1?"}, wrong]}])
+    assert f"{other}:1: field 'rejected_messages': expected the turns of messages" in error_of(
+        load_local, str(other), "preference")
