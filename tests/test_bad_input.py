@@ -3,9 +3,13 @@ refused, config mistakes found only after other jobs ran, and the server's answe
 requests. Each case ends in a clear message (file and line or key, and the fix) or the right result."""
 
 import json
+import subprocess
+import sys
 
 import pytest
+import yaml
 
+from conftest import ROOT, snakemake
 from snaketune.data import build, load_local, prepare
 from snaketune.errors import SnaketuneError
 
@@ -133,3 +137,76 @@ def test_ms_swift_layouts_are_read(tmp_path):
         {"messages": [Q, A], "rejected_messages": [{"role": "user", "content": "What is 1+1?"}, wrong]}])
     assert f"{other}:1: field 'rejected_messages': expected the turns of messages" in error_of(
         load_local, str(other), "preference")
+
+
+# ---------------------------------------------------------------------------------- config: before any job
+
+
+def config_with(tmp_path, change) -> dict:
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [Q, A]}] * 4)
+    config["datasets"]["chat"] = {"source": "local", "path": str(tmp_path / "chat.jsonl")}
+    change(config)
+    return config
+
+
+def dry_run(tmp_path, config=None, text=None) -> str:
+    """`snakemake -n` on a config (dict, or the YAML text as is) in tmp_path; its output (it must fail)."""
+    (tmp_path / "config.yaml").write_text(text if config is None else yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--snakefile", str(ROOT / "workflow/Snakefile"),
+                             "--directory", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, result.stdout[-2000:]
+    return result.stdout + result.stderr
+
+
+def _dpo_on_chat(c):
+    c["recipes"]["dpo"] = {"stage": "dpo", "from": "sft-lora", "train_type": "lora", "dataset": ["arith", "chat"]}
+
+
+def _pref_bench(c):
+    c["datasets"]["prefs"] = {"source": "local", "path": "p.jsonl", "format": "preference"}
+    c["benches"]["arith"]["dataset"] = "prefs"
+
+
+@pytest.mark.parametrize("change, needles", [
+    (lambda c: c["recipes"]["pt"].update(lr_scheduler="cosin"),
+     ["recipes.pt.lr_scheduler: 'cosin' is not one of ['linear', 'cosine', 'cosine_with_restarts'"]),
+    (lambda c: c["models"]["tiny-qwen2"].update(num_key_value_heads=3),
+     ["models.tiny-qwen2.num_key_value_heads: 3 does not divide num_attention_heads 4"]),
+    (lambda c: c["benches"]["arith"].update(split="valid"),
+     ["benches.arith.split: 'valid' is not one of ['test', 'train']"]),
+    (_dpo_on_chat,
+     ["recipes.dpo.dataset: stage 'dpo' trains on preference rows, but dataset 'chat' has format 'messages', "
+      "which gives none: use a dataset with format: preference"]),
+    (_pref_bench, ["benches.arith.dataset: 'prefs' has format 'preference', so its test split has no chat rows"]),
+    (lambda c: c["recipes"]["pt"].update({"from": "sft-lora"}),
+     ["recipes.pt.from: a cycle: pt (recipes.pt.from) -> sft-lora (recipes.sft-lora.from) -> pt"]),
+    (lambda c: c["serving"]["variants"].append("sft-lora/int3"),
+     ["serving.variants: 'sft-lora/int3': 'int3' is not a key of quantize"]),
+], ids=["lr_scheduler", "kv_heads", "bench_split", "stage_vs_data", "bench_on_preference_rows", "from_cycle",
+        "serving_variant"])
+def test_config_mistakes_stop_before_any_job(tmp_path, change, needles):
+    out = dry_run(tmp_path, config_with(tmp_path, change))
+    for needle in needles:
+        assert needle in out, out[-3000:]
+    assert "evaluation.variants" not in out and "Traceback" not in out
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    text = (ROOT / "config.yaml").read_text().replace("variants: [base, pt, sft-lora, sft-lora/fp8]",
+                                                      "variants: [base, pt")
+    line = text.splitlines().index("  variants: [base, pt") + 1
+    out = dry_run(tmp_path, text=text)
+    assert f"config.yaml:{line + 1}:10: YAML syntax error" in out and f"flow sequence on line {line}" in out
+
+
+def test_a_failed_steps_error_is_shown_on_the_console(tmp_path):
+    """A plain run (no --profile) prints the failed step's log, so its message is on the console."""
+    write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "bot", "content": "x"}, A]}])
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["datasets"]["bad"] = {"source": "local", "path": "bad.jsonl"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "results/datasets/bad", timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "bad.jsonl:1: field 'messages[0].role': expected one of system/user/assistant/tool, found 'bot'" in out

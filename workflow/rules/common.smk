@@ -9,7 +9,31 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
+from snaketune.data import STAGE_KIND, kinds
+
 min_version("9.0")
+
+
+def _check_yaml(path):
+    """Stop with file:line:column on a YAML syntax error (Snakemake's own message has no line)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = getattr(err, "problem", None) or str(err)
+        if context and mark and context.line != mark.line:
+            problem += f", {err.context} on line {context.line + 1}"
+        raise WorkflowError(f"{where}: YAML syntax error ({problem}): fix the file there "
+                            "(unclosed brackets or quotes, tabs, or wrong indentation)") from None
+
+
+_check_yaml("config.yaml")
 
 
 configfile: "config.yaml"
@@ -77,27 +101,79 @@ def recipe_datasets(recipe):
     return [names] if isinstance(names, str) else names
 
 
+def _from_cycles():
+    """Every cycle of recipes' ``from`` keys, as the list of recipe names around it."""
+    cycles = []
+    for start in config["recipes"]:
+        chain = [start]
+        while (nxt := config["recipes"][chain[-1]]["from"]) in config["recipes"]:
+            if nxt in chain:
+                cycle = chain[chain.index(nxt):]
+                if not any(set(cycle) == set(c) for c in cycles):
+                    cycles.append(cycle)
+                break
+            chain.append(nxt)
+    return cycles
+
+
+def _data_problems(name, recipe):
+    """A recipe whose datasets give no rows of the kind its stage trains on."""
+    need = STAGE_KIND[recipe["stage"]]
+    wants = {"text": "format: text", "chat": "format: messages, alpaca or sharegpt",
+             "preference": "format: preference", "kto": "format: kto"}[need]
+    for dataset in recipe_datasets(name):
+        block = config["datasets"].get(dataset)
+        if block is not None and need not in kinds(block):
+            yield (f"recipes.{name}.dataset: stage {recipe['stage']!r} trains on {need} rows, but dataset "
+                   f"{dataset!r} has format {block['format']!r}, which gives none: use a dataset with {wants}")
+
+
+def _model_problems(name, model):
+    """Tiny-model sizes that cannot build (checked here, not when the model step runs)."""
+    if model["source"] != "tiny":
+        return
+    heads, kv, hidden = (model.get(k) for k in ("num_attention_heads", "num_key_value_heads", "hidden_size"))
+    if heads and kv and heads % kv:
+        yield (f"models.{name}.num_key_value_heads: {kv} does not divide num_attention_heads {heads}: "
+               "use a divisor of it (e.g. 1, or num_attention_heads itself)")
+    if heads and hidden and hidden % heads:
+        yield (f"models.{name}.hidden_size: {hidden} is not a multiple of num_attention_heads {heads}")
+
+
 def _check_references():
-    """Fail before any job if a name points at nothing; say which key to fix."""
+    """Fail before any job if a name points at nothing, or a block cannot work with the one it
+    names (stage vs dataset format, tiny-model sizes, from cycles); say which key to fix."""
     problems = []
+    for name, model in config["models"].items():
+        problems += _model_problems(name, model)
     for name, recipe in config["recipes"].items():
         for dataset in recipe_datasets(name):
             if dataset not in config["datasets"]:
                 problems.append(f"recipes.{name}.dataset: {dataset!r} is not a key of datasets")
+        problems += _data_problems(name, recipe)
         if recipe["from"] != "base" and recipe["from"] not in config["recipes"]:
             problems.append(f"recipes.{name}.from: {recipe['from']!r} is neither 'base' nor a recipe")
         for rm in reward_models(name):
             if config["recipes"].get(rm, {}).get("stage") != "rm":
                 problems.append(f"recipes.{name}.grpo.rewards: recipe {rm!r} is not an rm recipe")
+    for cycle in _from_cycles():
+        loop = " -> ".join(f"{r} (recipes.{r}.from)" for r in cycle) + f" -> {cycle[0]}"
+        problems.append(f"recipes.{cycle[0]}.from: a cycle: {loop}; one of these recipes must start from "
+                        "base or from a recipe outside the cycle")
     for name, quant in config.get("quantize", {}).items():
         if quant.get("dataset") and quant["dataset"] not in config["datasets"]:
             problems.append(f"quantize.{name}.dataset: {quant['dataset']!r} is not a key of datasets")
     for name, bench in config["benches"].items():
         data = config["datasets"].get(bench["dataset"])
+        reads_split = bench["engine"] == "transformers" or not (bench.get("benchmark") or bench.get("general_qa"))
         if data is None:
             problems.append(f"benches.{name}.dataset: {bench['dataset']!r} is not a key of datasets")
-        elif (bench["split"] == "test" and data["source"] != "synthetic" and not data.get("test_path")
-              and data["test_size"] == 0):
+        elif reads_split and "chat" not in kinds(data):
+            problems.append(f"benches.{name}.dataset: {bench['dataset']!r} has format {data['format']!r}, so its "
+                            f"{bench['split']} split has no chat rows to score: bench a dataset with format "
+                            "messages, alpaca or sharegpt")
+        elif (reads_split and bench["split"] == "test" and data["source"] != "synthetic"
+              and not data.get("test_path") and data["test_size"] == 0):
             problems.append(f"benches.{name}: dataset {bench['dataset']!r} has test_size 0 and no test_path, "
                             "so its test split is empty: give the dataset a test_path or test_size, or "
                             "bench another dataset")
@@ -107,12 +183,14 @@ def _check_references():
     for bench in config["evaluation"]["benches"]:
         if bench not in config["benches"]:
             problems.append(f"evaluation.benches: {bench!r} is not a key of benches")
-    for variant in config["evaluation"]["variants"] + config.get("serving", {}).get("variants", []):
-        stem, _, quant = variant.partition("/")
-        if stem != "base" and stem not in config["recipes"]:
-            problems.append(f"evaluation.variants: {variant!r}: {stem!r} is neither 'base' nor a recipe")
-        if quant and quant not in config.get("quantize", {}):
-            problems.append(f"evaluation.variants: {variant!r}: {quant!r} is not a key of quantize")
+    for key, variants in (("evaluation.variants", config["evaluation"]["variants"]),
+                          ("serving.variants", config.get("serving", {}).get("variants", []))):
+        for variant in variants:
+            stem, _, quant = variant.partition("/")
+            if stem != "base" and stem not in config["recipes"]:
+                problems.append(f"{key}: {variant!r}: {stem!r} is neither 'base' nor a recipe")
+            if quant and quant not in config.get("quantize", {}):
+                problems.append(f"{key}: {variant!r}: {quant!r} is not a key of quantize")
     if problems:
         raise WorkflowError("config.yaml has problems:\n  " + "\n  ".join(problems))
 
