@@ -97,6 +97,15 @@ def test_unreadable_file_names_file_line_and_column(tmp_path, name, data, where)
     assert f"{tmp_path / name}{where}" in msg
 
 
+def test_bad_params_json_to_serve_is_a_message(tmp_path, capsys):
+    from snaketune.serve import main
+
+    for params, needle in (("{port: 8000}", "--params is not valid JSON"), ("[1]", "--params must be a JSON object")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(tmp_path), "--params", params])
+        assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------- valid, now accepted
 
 
@@ -210,3 +219,66 @@ def test_a_failed_steps_error_is_shown_on_the_console(tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert "bad.jsonl:1: field 'messages[0].role': expected one of system/user/assistant/tool, found 'bot'" in out
+
+
+# ---------------------------------------------------------------------------------- the server: 400, not 500
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    """The transformers engine's HTTP app on a tiny model, called in-process."""
+    torch = pytest.importorskip("torch")
+    from starlette.testclient import TestClient
+
+    from snaketune.model import fetch
+    from snaketune.serve import TransformersEngine, build_app
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("serve") / "tiny"
+    fetch({"source": "tiny", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 300}, folder)
+    engine = TransformersEngine(str(folder), {"device": "cpu", "max_model_len": 64})
+    return TestClient(build_app(engine, "tiny", None), raise_server_exceptions=False)
+
+
+CHAT = {"model": "tiny", "messages": [Q], "max_tokens": 2, "temperature": 0}
+
+
+@pytest.mark.parametrize("path, body, needle", [
+    ("chat/completions", b'{"model": "tiny", "messages": [', "the request body is not valid JSON"),
+    ("chat/completions", b"[1, 2]", "the request body must be a JSON object, found a JSON list"),
+    ("chat/completions", b"", "the request body is empty"),
+    ("chat/completions", {**CHAT, "max_tokens": "abc"}, "'max_tokens' must be an integer, found \"abc\""),
+    ("chat/completions", {**CHAT, "temperature": "hot"}, "'temperature' must be a number"),
+    ("chat/completions", {**CHAT, "messages": "hi"}, "'messages' must be a non-empty list"),
+    ("completions", {"prompt": [1, 2, 10**6], "max_tokens": 2}, "token ids [1000000] are outside this model's vocab"),
+    ("completions", {"prompt": [-1], "max_tokens": 2}, "token ids [-1] are outside"),
+], ids=["malformed_json", "list_body", "empty_body", "max_tokens_abc", "temperature_text", "messages_text",
+        "oov_token", "negative_token"])
+def test_malformed_requests_are_400_with_a_message(client, path, body, needle):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    resp = client.post(f"/v1/{path}", content=content, headers={"content-type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error" and "param" in error
+
+
+def test_token_id_prompt_is_one_prompt(client):
+    """OpenAI's prompt may be a list of token ids; it used to be refused as a batch of prompts."""
+    resp = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["prompt_tokens"] == 3
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_lr_scheduler_names_are_transformers_schedulers_without_extra_arguments(tmp_path):
+    """The schema's lr_scheduler names build with no scheduler kwargs and no eval loop, as train runs them."""
+    torch = pytest.importorskip("torch")
+    from transformers import TrainingArguments, get_scheduler
+
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    names = schema["properties"]["recipes"]["additionalProperties"]["properties"]["lr_scheduler"]["enum"]
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+    for name in names:
+        TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type=name, report_to="none", use_cpu=True)
+        get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10)

@@ -392,6 +392,31 @@ class TransformersEngine:
             raise err[0]
 
 
+# request fields the transformers engine reads: (type, lowest value), checked before any work
+NUMBER_FIELDS = {"max_tokens": (int, 1), "max_completion_tokens": (int, 1), "n": (int, 1), "seed": (int, None),
+                 "min_tokens": (int, 0), "temperature": (float, 0), "top_p": (float, 0)}
+
+
+def request_problem(req) -> str | None:
+    """Why a request body cannot be served (a message for a 400 answer), or None."""
+    if not isinstance(req, dict):
+        return f"the request body must be a JSON object, found a JSON {type(req).__name__}"
+    for key, (kind, low) in NUMBER_FIELDS.items():
+        value = req.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+        if not ok or isinstance(value, bool):
+            return f"'{key}' must be {'an integer' if kind is int else 'a number'}, found {json.dumps(value)}"
+        if low is not None and value < low:
+            return f"'{key}' must be at least {low}, found {value}"
+    stop = req.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        return f"'stop' must be a string or a list of strings, found {json.dumps(stop)}"
+    return None
+
+
 def _stop_index(text: str, stops: list[str]) -> int | None:
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None
@@ -410,9 +435,18 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
         if key and request.headers.get("authorization") != f"Bearer {key}":
             raise HTTPException(status_code=401, detail="invalid or missing API key")
 
-    def error(status: int, message: str):
+    def error(status: int, message: str, param: str | None = None):
+        """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
         return JSONResponse(status_code=status, content={
-            "error": {"message": message, "type": "invalid_request_error", "code": status}})
+            "error": {"message": message, "type": "invalid_request_error", "param": param, "code": status}})
+
+    vocab = engine.model.get_input_embeddings().num_embeddings
+
+    def token_ids(prompt) -> list[int] | None:
+        """A prompt given as token ids (a list of ints), else None."""
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt
+        return None
 
     @app.get("/health")
     def health():
@@ -425,24 +459,39 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
                                              "max_model_len": engine.max_model_len}]}
 
     def run_request(req: dict, chat: bool):
+        problem = request_problem(req)
+        if problem:
+            return None, error(400, problem)
         if req.get("model") not in (None, model_name):
             return None, error(404, f"model {req.get('model')!r} not served; this server has {model_name!r}")
         if int(req.get("n") or 1) != 1:
-            return None, error(400, "n > 1 is not supported by the transformers engine")
+            return None, error(400, "n > 1 is not supported by the transformers engine", "n")
         try:
             if chat:
+                if not isinstance(req.get("messages"), list) or not req["messages"]:
+                    return None, error(400, "'messages' must be a non-empty list of {role, content} objects",
+                                       "messages")
                 messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
                              "".join(p.get("text", "") for p in m["content"])} for m in req["messages"]]
                 ids = engine.encode_chat(messages)
             else:
-                prompt = req["prompt"]
-                if isinstance(prompt, list):
+                prompt = req.get("prompt")
+                if isinstance(prompt, list) and token_ids(prompt) is None:
                     if len(prompt) != 1:
-                        return None, error(400, "batched prompts are not supported by the transformers engine")
+                        return None, error(400, "batched prompts are not supported by the transformers engine",
+                                           "prompt")
                     prompt = prompt[0]
-                ids = engine.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
-        except (KeyError, TypeError) as e:
-            return None, error(400, f"malformed request: {e}")
+                ids = engine.encode_text(prompt) if isinstance(prompt, str) else token_ids(prompt)
+                if ids is None:
+                    return None, error(400, "'prompt' must be a string or a list of token ids", "prompt")
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            return None, error(400, f"malformed request: {type(e).__name__} {e}", "messages" if chat else "prompt")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            return None, error(400, f"token ids {bad[:5]} are outside this model's vocabulary (0..{vocab - 1})",
+                               "prompt")
+        if not ids:
+            return None, error(400, "the prompt is empty", "prompt")
         if len(ids) >= engine.max_model_len:
             return None, error(400, f"prompt has {len(ids)} tokens; max_model_len is {engine.max_model_len}")
         stops = req.get("stop") or []
@@ -524,17 +573,27 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
+    async def body(request: Request):
+        """The request's JSON body, or an OpenAI-style 400 answer."""
+        raw = await request.body()
+        if not raw.strip():
+            return None, error(400, "the request body is empty: send a JSON object (model, messages or prompt, ...)")
+        try:
+            return json.loads(raw), None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return None, error(400, f"the request body is not valid JSON ({e})")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
-        req = await request.json()
-        return await _in_thread(respond, req, True)
+        req, err = await body(request)
+        return err or await _in_thread(respond, req, True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_auth(request)
-        req = await request.json()
-        return await _in_thread(respond, req, False)
+        req, err = await body(request)
+        return err or await _in_thread(respond, req, False)
 
     return app
 
@@ -588,7 +647,13 @@ def main(argv=None):
     ap.add_argument("--model", required=True, help="HF model folder to serve")
     ap.add_argument("--params", default="{}", help="JSON: the serve block (engine, host, port, api_key_env, vllm)")
     args = ap.parse_args(argv)
-    params = json.loads(args.params)
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as err:
+        raise SnaketuneError(f"--params is not valid JSON ({err.msg} at column {err.colno}): pass one JSON object, "
+                             """e.g. --params '{"engine": "transformers", "port": 8000}'""") from None
+    if not isinstance(params, dict):
+        raise SnaketuneError(f"--params must be a JSON object (the serve block), found {args.params!r}")
     if not (Path(args.model) / "config.json").is_file():
         raise SnaketuneError(f"serve --model {args.model} is not an HF model folder (no config.json)")
     engine = params.get("engine", "transformers")
