@@ -177,6 +177,11 @@ def _pref_bench(c):
     c["benches"]["arith"]["dataset"] = "prefs"
 
 
+def _gptq_on_preference_rows(c):
+    c["datasets"]["prefs"] = {"source": "local", "path": "p.jsonl", "format": "preference"}
+    c["quantize"]["int4"] = {"method": "gptq", "dataset": "prefs"}
+
+
 @pytest.mark.parametrize("change, needles", [
     (lambda c: c["recipes"]["pt"].update(lr_scheduler="cosin"),
      ["recipes.pt.lr_scheduler: 'cosin' is not one of ['linear', 'cosine', 'cosine_with_restarts'"]),
@@ -188,12 +193,14 @@ def _pref_bench(c):
      ["recipes.dpo.dataset: stage 'dpo' trains on preference rows, but dataset 'chat' has format 'messages', "
       "which gives none: use a dataset with format: preference"]),
     (_pref_bench, ["benches.arith.dataset: 'prefs' has format 'preference', so its test split has no chat rows"]),
+    (_gptq_on_preference_rows,
+     ["quantize.int4.dataset: gptq calibrates on chat rows, but dataset 'prefs' has format 'preference'"]),
     (lambda c: c["recipes"]["pt"].update({"from": "sft-lora"}),
      ["recipes.pt.from: a cycle: pt (recipes.pt.from) -> sft-lora (recipes.sft-lora.from) -> pt"]),
     (lambda c: c["serving"]["variants"].append("sft-lora/int3"),
      ["serving.variants: 'sft-lora/int3': 'int3' is not a key of quantize"]),
-], ids=["lr_scheduler", "kv_heads", "bench_split", "stage_vs_data", "bench_on_preference_rows", "from_cycle",
-        "serving_variant"])
+], ids=["lr_scheduler", "kv_heads", "bench_split", "stage_vs_data", "bench_on_preference_rows",
+        "calibration_on_preference_rows", "from_cycle", "serving_variant"])
 def test_config_mistakes_stop_before_any_job(tmp_path, change, needles):
     out = dry_run(tmp_path, config_with(tmp_path, change))
     for needle in needles:

@@ -34,6 +34,7 @@ from snaketune.errors import SnaketuneError, cli
 LLMC_METHODS = ("fp8", "gptq", "awq")
 BNB_METHODS = ("bnb-nf4", "bnb-int8")
 METHODS = LLMC_METHODS + BNB_METHODS
+CALIBRATED = ("gptq", "awq")  # the methods that calibrate on chat rows of the dataset's train.jsonl
 DEFAULT_CALIBRATION = {"samples": 64, "seed": 0, "max_length": 256}
 
 # scheme recorded in quantization.json and the summary
@@ -259,7 +260,7 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
         }
         if method in ("gptq", "awq"):
             record["group_size"] = int(params.get("group_size", 128))
-        if method in ("gptq", "awq"):
+        if method in CALIBRATED:
             from transformers import AutoTokenizer
 
             texts = calibration_texts(data_dir, AutoTokenizer.from_pretrained(model_dir), cal["samples"], cal["seed"])

@@ -10,6 +10,7 @@ from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
 from snaketune.data import STAGE_KIND, kinds
+from snaketune.quantize import CALIBRATED
 
 min_version("9.0")
 
@@ -163,6 +164,12 @@ def _check_references():
     for name, quant in config.get("quantize", {}).items():
         if quant.get("dataset") and quant["dataset"] not in config["datasets"]:
             problems.append(f"quantize.{name}.dataset: {quant['dataset']!r} is not a key of datasets")
+        elif quant["method"] in CALIBRATED:
+            dataset = quant.get("dataset") or next(iter(config["datasets"]))
+            if "chat" not in kinds(config["datasets"][dataset]):
+                problems.append(f"quantize.{name}.dataset: {quant['method']} calibrates on chat rows, but dataset "
+                                f"{dataset!r} has format {config['datasets'][dataset]['format']!r}: name a dataset "
+                                "with format messages, alpaca or sharegpt")
     for name, bench in config["benches"].items():
         data = config["datasets"].get(bench["dataset"])
         reads_split = bench["engine"] == "transformers" or not (bench.get("benchmark") or bench.get("general_qa"))
