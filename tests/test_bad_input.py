@@ -232,20 +232,31 @@ def test_a_failed_steps_error_is_shown_on_the_console(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    """The transformers engine's HTTP app on a tiny model, called in-process."""
+def engine(tmp_path_factory):
+    """The transformers engine on a tiny model."""
     torch = pytest.importorskip("torch")
-    from starlette.testclient import TestClient
-
     from snaketune.model import fetch
-    from snaketune.serve import TransformersEngine, build_app
+    from snaketune.serve import TransformersEngine
 
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("serve") / "tiny"
     fetch({"source": "tiny", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
            "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 300}, folder)
-    engine = TransformersEngine(str(folder), {"device": "cpu", "max_model_len": 64})
-    return TestClient(build_app(engine, "tiny", None), raise_server_exceptions=False)
+    return TransformersEngine(str(folder), {"device": "cpu", "max_model_len": 64})
+
+
+def http(engine, key=None):
+    """The engine's HTTP app, called in-process (server errors come back as 500s)."""
+    from starlette.testclient import TestClient
+
+    from snaketune.serve import build_app
+
+    return TestClient(build_app(engine, "tiny", key), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    return http(engine)
 
 
 CHAT = {"model": "tiny", "messages": [Q], "max_tokens": 2, "temperature": 0}
@@ -289,3 +300,11 @@ def test_lr_scheduler_names_are_transformers_schedulers_without_extra_arguments(
     for name in names:
         TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type=name, report_to="none", use_cpu=True)
         get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10)
+
+
+def test_auth_and_unknown_paths_answer_in_openai_shape(engine):
+    client = http(engine, key="s3cret")
+    for resp, status in ((client.post("/v1/chat/completions", json=CHAT), 401),
+                         (client.get("/v1/nothing", headers={"authorization": "Bearer s3cret"}), 404)):
+        assert resp.status_code == status and resp.json()["error"]["message"], resp.text
+    assert client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer s3cret"}).status_code == 200

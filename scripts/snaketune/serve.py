@@ -426,6 +426,7 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
     """FastAPI app with the OpenAI endpoints over ``engine``."""
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="snaketune transformers server")
     tok = engine.tokenizer
@@ -439,6 +440,10 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
         """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
         return JSONResponse(status_code=status, content={
             "error": {"message": message, "type": "invalid_request_error", "param": param, "code": status}})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # 401, unknown paths: the same shape
+        return error(exc.status_code, str(exc.detail))
 
     vocab = engine.model.get_input_embeddings().num_embeddings
 
