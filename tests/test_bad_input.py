@@ -142,6 +142,9 @@ def test_ms_swift_layouts_are_read(tmp_path):
     kto = write_jsonl(tmp_path / "kto.jsonl", [{"messages": [Q, wrong], "label": False}])
     rows, _ = load_local(str(kto), "kto")
     assert rows == [{"prompt": [Q], "completion": [wrong], "label": False}]
+    text = write_jsonl(tmp_path / "pt.jsonl", [{"messages": [{"role": "assistant", "content": "2+3=5"}]}])
+    rows, _ = load_local(str(text), "text")
+    assert rows == [{"text": "2+3=5"}]
     other = write_jsonl(tmp_path / "other.jsonl", [
         {"messages": [Q, A], "rejected_messages": [{"role": "user", "content": "What is 1+1?"}, wrong]}])
     assert f"{other}:1: field 'rejected_messages': expected the turns of messages" in error_of(
@@ -160,8 +163,10 @@ def config_with(tmp_path, change) -> dict:
 
 
 def dry_run(tmp_path, config=None, text=None) -> str:
-    """`snakemake -n` on a config (dict, or the YAML text as is) in tmp_path; its output (it must fail)."""
-    (tmp_path / "config.yaml").write_text(text if config is None else yaml.safe_dump(config))
+    """`snakemake -n` on tmp_path/config.yaml (written from a dict, or the YAML text as is, if given);
+    its output (it must fail)."""
+    if config is not None or text is not None:
+        (tmp_path / "config.yaml").write_text(text if config is None else yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--snakefile", str(ROOT / "workflow/Snakefile"),
                              "--directory", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0, result.stdout[-2000:]
@@ -214,6 +219,12 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     line = text.splitlines().index("  variants: [base, pt") + 1
     out = dry_run(tmp_path, text=text)
     assert f"config.yaml:{line + 1}:10: YAML syntax error" in out and f"flow sequence on line {line}" in out
+
+
+def test_config_that_is_not_utf8_is_a_message(tmp_path):
+    (tmp_path / "config.yaml").write_bytes((ROOT / "config.yaml").read_bytes().replace(b"study: demo", b"study: d\xe9mo"))
+    out = dry_run(tmp_path)
+    assert "config.yaml: not UTF-8 text (invalid continuation byte at byte" in out and "Traceback" not in out
 
 
 def test_a_failed_steps_error_is_shown_on_the_console(tmp_path):

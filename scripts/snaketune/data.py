@@ -10,7 +10,7 @@ Formats: ``messages``, ``alpaca``, ``sharegpt`` (chat), ``text`` (raw text for p
 ``preference`` (prompt + chosen + rejected, each a string or a message list) and ``kto``
 (prompt + completion + boolean label). ms-swift's own layouts are read too: ``query``/``response``/
 ``history`` rows as ``messages``, ``messages`` + ``rejected_response`` (or ``rejected_messages``) as
-``preference``, ``messages`` + ``label`` as ``kto``. Output folder, each with a held-out twin ``*_test``:
+``preference``, ``messages`` + ``label`` as ``kto``, assistant-only ``messages`` as ``text``. Output folder, each with a held-out twin ``*_test``:
 ``train.jsonl``/``test.jsonl`` (``{"messages": [...]}``), ``pretrain.jsonl`` (``{"text": ...}``),
 ``preference.jsonl`` and ``kto.jsonl`` in trl's conversational form, plus ``manifest.json`` (row
 counts, hashes, skipped rows). Files a format does not fill are empty.
@@ -236,6 +236,12 @@ def to_row(row, fmt: str) -> dict:
     if not isinstance(row, dict):
         raise RowError("<row>", "a JSON object", row)
     if fmt == "text":
+        if "text" not in row and "messages" in row:  # ms-swift's pre-training rows: assistant turns only
+            msgs = check_messages(row["messages"])
+            if any(m["role"] != "assistant" for m in msgs):
+                raise RowError("messages", "only assistant turns (ms-swift's pre-training rows), or a text field",
+                               [m["role"] for m in msgs])
+            return {"text": "\n".join(m["content"] for m in msgs)}
         return {"text": _str_field(row, "text")}
     if fmt == "preference":
         if _swift_layout(row):

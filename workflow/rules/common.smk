@@ -24,6 +24,8 @@ def _check_yaml(path):
     try:
         with open(path, encoding="utf-8") as fh:
             yaml.safe_load(fh)
+    except UnicodeDecodeError as err:
+        raise WorkflowError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") from None
     except yaml.YAMLError as err:
         mark, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
