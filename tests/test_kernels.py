@@ -164,6 +164,21 @@ def test_packed_matches_padded(with_cu):
     assert_grads_close(grads(fast), grads(ref))
 
 
+def test_equal_length_samples_stay_rows():
+    """Samples of one length (fixed-length pre-training chunks) need no packing: [B, L] rows
+    through sdpa, the same loss and gradients as the plain model."""
+    samples = _samples([20, 20, 20])
+    batch = kernels.PackedCollator()(samples)
+    assert batch["input_ids"].shape == (3, 20) and "cu_seq_lens_q" not in batch
+    ref = tiny_qwen2()
+    fast = kernels.apply_speedups(copy.deepcopy(ref), {"fused_ce": True, "packing": True})
+    ref.train(), fast.train()
+    l_ref, l_fast = ref(**_padded(samples)).loss, fast(**batch).loss
+    l_ref.backward(), l_fast.backward()
+    torch.testing.assert_close(l_fast, l_ref, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads(fast), grads(ref))
+
+
 def test_varlen_rows_matches_sdpa():
     ref = tiny_qwen2()
     fast = kernels.apply_speedups(copy.deepcopy(ref), {"fused_ce": True, "packing": True, "varlen_rows": True})

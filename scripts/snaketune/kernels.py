@@ -290,6 +290,10 @@ class PackedCollator:
     ``cu_seq_lens_q/k`` (int32 boundaries) and ``max_length_q/k`` for the varlen kernel.
     ``pad_to_multiple_of`` appends one padding segment (labels -100) so T takes few values (fewer
     recompiles under torch.compile).
+
+    When every sample has the same length there is nothing to pad: the batch stays [B, L] rows
+    (``input_ids``, ``labels``), which attention takes through sdpa (cuDNN/flash on a GPU; with
+    ``varlen_rows`` through the varlen kernel instead) and the loss shifts within each row.
     """
 
     def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None, ignore_index: int = -100):
@@ -298,6 +302,10 @@ class PackedCollator:
         self.ignore_index = ignore_index
 
     def __call__(self, features: list[dict]) -> dict:
+        rows = [f for f in features if len(f["input_ids"])]
+        if len(rows) > 1 and len({len(f["input_ids"]) for f in rows}) == 1:
+            return {"input_ids": torch.tensor([list(f["input_ids"]) for f in rows], dtype=torch.long),
+                    "labels": torch.tensor([list(f.get("labels", f["input_ids"])) for f in rows], dtype=torch.long)}
         ids, labels, pos, cu = [], [], [], [0]
         for f in features:
             x = list(f["input_ids"])

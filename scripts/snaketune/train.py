@@ -385,6 +385,25 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def trainer_class():
+    """transformers.Trainer that counts the tokens of a padding-free batch (no attention_mask: the
+    packed collator's) from its shape on one process; transformers reads a device tensor back
+    for it every step, a host sync that leaves the GPU idle while the next step is set up."""
+    import torch
+    from transformers import Trainer
+
+    class SnaketuneTrainer(Trainer):
+        def _track_num_input_tokens(self, inputs):
+            ids = inputs.get("input_ids")
+            if (self.args.include_num_input_tokens_seen != "no" and self.args.world_size == 1
+                    and torch.is_tensor(ids) and "attention_mask" not in inputs):
+                self.state.num_input_tokens_seen += ids.numel()
+                return
+            super()._track_num_input_tokens(inputs)
+
+    return SnaketuneTrainer
+
+
 def make_callback(run, preempted: Preempted, total_steps: int, tokens=None):
     """A TrainerCallback that logs to MLflow, prints progress lines, handles preemption and times
     the run (its ``timing()`` goes into training.json).
@@ -514,7 +533,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     rank 0 writes the output.
     """
     import torch
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from snaketune.tracking import NullRun
@@ -550,11 +569,13 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     accum = recipe.get("gradient_accumulation_steps", 1)
     steps_per_epoch = math.ceil(len(dataset) / (batch * accum * world))
     total_steps = recipe.get("max_steps") or math.ceil(steps_per_epoch * recipe.get("epochs", 1))
+    # logging_nan_inf_filter=False: the filter reads the loss back every step (a host sync that
+    # idles the GPU); a NaN loss is logged as NaN instead of being replaced by the running mean
     args = TrainingArguments(**trainer_args(recipe, checkpoints, cuda, dtype_name, total_steps),
-                             remove_unused_columns=False)
+                             remove_unused_columns=False, logging_nan_inf_filter=False)
     preempted = Preempted()
     progress = make_callback(run or NullRun(), preempted, total_steps)
-    trainer = Trainer(
+    trainer = trainer_class()(
         model=model,
         args=args,
         train_dataset=dataset,
