@@ -192,6 +192,12 @@ def test_varlen_rows_matches_sdpa():
 
 def test_resolve_options():
     assert kernels.resolve_options({}, cuda=False) == {k: False for k in kernels.OPTION_KEYS}
+    # auto on a GPU: every speed-up, compile where it was measured (benchmarks/NOTES.md)
+    assert kernels.resolve_options({"train_type": "full"}, cuda=True) == {k: True for k in kernels.OPTION_KEYS}
+    for unmeasured in ({"train_type": "qlora"}, {"gradient_checkpointing": True},
+                       {"distributed": {"strategy": "fsdp"}}):
+        assert kernels.resolve_options(unmeasured, cuda=True)["compile"] is False, unmeasured
+        assert kernels.resolve_options({**unmeasured, "compile": True}, cuda=True)["compile"] is True
     on = kernels.resolve_options({"liger": False, "compile": True}, cuda=True)
     assert on == {"fused_ce": False, "fast_lora": True, "packing": True, "compile": True}
 

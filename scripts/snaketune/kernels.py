@@ -21,9 +21,11 @@ to bf16 rounding:
   by every layer), which fuses RMSNorm, RoPE, SwiGLU, residual adds and the casts.
 
 ``resolve_options(recipe, cuda)`` maps recipe keys (``fused_ce`` (alias ``liger``), ``fast_lora``,
-``packing``, ``compile``; each true, false or "auto") to options. "auto" turns fused_ce, fast_lora
-and packing on when CUDA is there; compile stays opt-in (+18% on 7B LoRA, but 40-100 s of
-compilation per batch shape). Measured on one H100: benchmarks/NOTES.md.
+``packing``, ``compile``; each true, false or "auto") to options. "auto" turns all four on when
+CUDA is there, compile only where it was measured (not for qlora, gradient checkpointing or
+FSDP/DeepSpeed). On one H200 the train step gained +35% (1.5B full, fp32 master weights) and
++17% (7B LoRA) from compile, for 10-25 s of compilation at the start (benchmarks/NOTES.md,
+2026-12-02). The schema (workflow/schemas/config.schema.yaml) declares every key read here.
 """
 
 from __future__ import annotations
@@ -40,8 +42,15 @@ ATTN_NAME = "snaketune_varlen"
 OPTION_KEYS = ("fused_ce", "fast_lora", "packing", "compile")
 # also accepted: varlen_rows (unpadded fixed-length rows through the varlen kernel), compile_dynamic
 # (symbolic shapes: one graph for packed batches of varying length), ce_chunk_tokens, ce_impl
-# default on GPU when the recipe says nothing ("auto"); compile stays opt-in until measured
-GPU_DEFAULTS = {"fused_ce": True, "fast_lora": True, "packing": True, "compile": False}
+# what "auto" means with CUDA (measured faster on an H200, benchmarks/NOTES.md); off without CUDA
+GPU_DEFAULTS = {"fused_ce": True, "fast_lora": True, "packing": True, "compile": True}
+
+
+def _compile_measured(recipe: dict) -> bool:
+    """Whether auto compile applies: the measured set-ups, not qlora's bitsandbytes layers,
+    gradient checkpointing or sharded (FSDP/DeepSpeed) parameters."""
+    return (recipe.get("train_type") != "qlora" and not recipe.get("gradient_checkpointing")
+            and (recipe.get("distributed") or {}).get("strategy") not in ("fsdp", "deepspeed"))
 
 
 def resolve_options(recipe: dict, cuda: bool) -> dict:
@@ -53,7 +62,8 @@ def resolve_options(recipe: dict, cuda: bool) -> dict:
     out = {}
     for key in OPTION_KEYS:
         value = recipe.get(key, recipe.get("liger", "auto") if key == "fused_ce" else "auto")
-        out[key] = (cuda and GPU_DEFAULTS[key]) if value in ("auto", None) else bool(value)
+        auto = cuda and GPU_DEFAULTS[key] and (key != "compile" or _compile_measured(recipe))
+        out[key] = auto if value in ("auto", None) else bool(value)
     if recipe.get("ce_chunk_tokens"):
         out["ce_chunk_tokens"] = int(recipe["ce_chunk_tokens"])
     if recipe.get("ce_impl"):
