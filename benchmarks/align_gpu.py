@@ -95,7 +95,7 @@ def timed_align(base: Path, data: list[Path], recipe: dict, work: Path, name: st
     run = MemoryRun()
     out = work / name
     summary = align(str(base), [str(d) for d in data], recipe, str(out), str(work / f"{name}.ckpt"), run)
-    return out, summary, run.metrics, summary["seconds"] / max(summary["steps"], 1), peak_gib()
+    return out, summary, run.metrics, summary["wall_seconds"] / max(summary["steps"], 1), peak_gib()
 
 
 # --------------------------------------------------------------------------------------- quality

@@ -63,7 +63,7 @@ def run_one(name: str, model_dir: Path, data_dir: Path, steps: int, work: Path) 
         "from snaketune.train import train\n"
         "s = train(sys.argv[1], [sys.argv[2]], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5])\n"
         "s['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30\n"
-        "print('RESULT ' + json.dumps({k: s[k] for k in ('tokens_per_s', 'seconds', 'steps', 'peak_gib', "
+        "print('RESULT ' + json.dumps({k: s[k] for k in ('tokens_per_s', 'wall_seconds', 'steps', 'peak_gib', "
         "'log_history')}))\n")
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", code, str(model_dir), str(data_dir), json.dumps(recipe),
