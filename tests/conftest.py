@@ -12,6 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(source="tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, vocab_size=512, seed=0)
+# Seed of the learning tests (`-m learning`): benchmarks/robustness.py sweeps it (and the CPU
+# capability) to show that each learning bound holds with margin; 0 in an ordinary run.
+LEARNING_SEED = int(os.environ.get("SNAKETUNE_LEARNING_SEED", "0"))
+
+
+def record_learning(name: str, value: float, bound: float) -> None:
+    """Note a learning test's outcome and the bound it must beat (value > bound) in
+    $SNAKETUNE_LEARNING_LOG, one JSON line each, for benchmarks/robustness.py's table."""
+    log = os.environ.get("SNAKETUNE_LEARNING_LOG")
+    if log:
+        with open(log, "a") as fh:
+            fh.write(json.dumps({"test": name, "value": value, "bound": bound}) + "\n")
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +140,10 @@ def _studies() -> dict:
     import yaml
 
     small = yaml.safe_dump(small_config(), sort_keys=False)
-    return {"default_study": lambda: Study("default", (ROOT / "config.yaml").read_text()),
+    default = (ROOT / "config.yaml").read_text()
+    if LEARNING_SEED:
+        default = yaml.safe_dump({**yaml.safe_load(default), "seed": LEARNING_SEED}, sort_keys=False)
+    return {"default_study": lambda: Study("default", default),
             "small_study": lambda: Study("small-a", small, "bundle"),  # bundle: plots and the bundle too
             "small_study_b": lambda: Study("small-b", small)}
 
@@ -138,7 +153,8 @@ STUDIES: dict[str, Study] = {}
 
 # fixtures that wait for work started in the background (here and in test modules' background_start);
 # `toy` (test_slurm) waits for the Slurm run to leave the test cluster free
-WAITS_FOR_BACKGROUND = {"default_study", "small_study", "small_study_b", "verified", "slurm_default_run", "toy"}
+WAITS_FOR_BACKGROUND = {"default_study", "small_study", "small_study_b", "verified", "slurm_default_run", "toy",
+                        "learning_elsewhere"}
 
 
 def pytest_collection_modifyitems(session, config, items):

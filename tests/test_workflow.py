@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from conftest import copy_study, snakemake
+from conftest import copy_study, record_learning, snakemake
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-qwen2"
@@ -48,9 +48,11 @@ def test_adapter_loads_in_plain_peft_and_matches_the_merged_model(default_study)
         assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
 
 
+@pytest.mark.learning
 def test_sft_learns_what_base_cannot(default_study):
     work, _ = default_study
     base, pt, sft = score(work, "base"), score(work, "pt"), score(work, "sft-lora")
+    record_learning("demo sft-lora held-out exact match", sft, 0.5)
     assert base <= 0.02 and pt <= 0.05, (base, pt)
     assert sft >= 0.5, sft
     record = json.loads((work / f"results/{MODEL}/sft-lora/eval/arith.json").read_text())
