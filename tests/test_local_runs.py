@@ -121,3 +121,21 @@ def test_expected_bitsandbytes_cpu_kernel_warning_is_silenced(caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure", "x")
         logger.warning("another bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+
+
+def test_editing_a_local_dataset_file_reruns_its_data_step(tmp_path):
+    """A local dataset file (relative to the study folder) is an input of the data rule: after rows
+    are appended, Snakemake reruns prepare_data instead of training on the old rows."""
+    row = '{"messages": [{"role": "user", "content": "q%d"}, {"role": "assistant", "content": "a"}]}\n'
+    (tmp_path / "mine.jsonl").write_text("".join(row % i for i in range(20)))
+    config = _config(resources={"gpu": {"gpu": 0}})
+    config["datasets"]["mine"] = {"source": "local", "path": "mine.jsonl"}
+    first = _snakemake(tmp_path, config, "--cores", "1", "results/datasets/mine", env=_plain_env())
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    idle = _snakemake(tmp_path, config, "-n", "results/datasets/mine", env=_plain_env())
+    assert "Nothing to be done" in idle.stdout + idle.stderr
+    with open(tmp_path / "mine.jsonl", "a") as fh:
+        fh.write(row % 99)
+    again = _snakemake(tmp_path, config, "-n", "results/datasets/mine", env=_plain_env())
+    out = again.stdout + again.stderr
+    assert "rule prepare_data" in out and "mine.jsonl" in out, out[-3000:]

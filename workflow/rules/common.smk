@@ -284,6 +284,28 @@ def quant_data(wildcards):
     return f"{RESULTS}/datasets/{dataset}"
 
 
+def _files(path):
+    """A user path as rule inputs: the file, or every file of a folder (a folder's mtime misses edits)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return sorted(str(f) for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    return [str(path)]
+
+
+def dataset_files(wildcards):
+    """A local dataset's files (path, test_path): inputs of the data rule, so editing one reruns it."""
+    block = config["datasets"][wildcards.dataset]
+    if block["source"] != "local":
+        return []
+    return [f for key in ("path", "test_path") if block.get(key) for f in _files(block[key])]
+
+
+def model_files(wildcards):
+    """A local model folder's files: inputs of the fetch rule, so replacing the weights reruns it."""
+    block = config["models"][wildcards.model]
+    return _files(block["path"]) if block["source"] == "local" else []
+
+
 def with_seed(block):
     """A step's config block with the study seed filled in where it has none."""
     return {"seed": config["seed"], **block}

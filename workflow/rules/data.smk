@@ -1,4 +1,6 @@
 rule prepare_data:
+    input:
+        dataset_files,
     output:
         directory(f"{RESULTS}/datasets/{{dataset}}"),
     params:

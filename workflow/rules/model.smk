@@ -1,4 +1,6 @@
 rule fetch_model:
+    input:
+        model_files,
     output:
         directory(f"{RESULTS}/{{model}}/base/model"),
     params:
