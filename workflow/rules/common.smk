@@ -285,7 +285,7 @@ def quant_data(wildcards):
 
 
 def _files(path):
-    """A user path as rule inputs: the file, or every file of a folder (a folder's mtime misses edits)."""
+    """Inputs for a user path: the file itself, or every file of a folder (its mtime misses edits)."""
     path = Path(path).expanduser()
     if path.is_dir():
         return sorted(str(f) for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
