@@ -93,3 +93,21 @@ def test_local_source_without_config_is_advice(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SnaketuneError, match="no config.json"):
         model_step.fetch({"source": "local", "path": str(tmp_path / "empty")}, tmp_path / "m")
+
+
+def test_model_hash_is_the_models_files_not_the_records_of_its_run(tiny_model, tmp_path):
+    """Two runs that made the same weights (one of them resumed after preemption) have the same
+    model_sha256: training.json and the other run records (durations) are not hashed; a changed
+    file of the model is."""
+    import shutil
+
+    from snaketune.evaluate import model_hash
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_model, a)
+    shutil.copytree(tiny_model, b)
+    (a / "training.json").write_text(json.dumps({"wall_seconds": 12.5, "resumed_from": None}))
+    (b / "training.json").write_text(json.dumps({"wall_seconds": 30.1, "resumed_from": "checkpoint-100"}))
+    assert model_hash(a) == model_hash(b)
+    (b / "generation_config.json").write_text((b / "generation_config.json").read_text() + " ")
+    assert model_hash(a) != model_hash(b)

@@ -37,13 +37,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# records of how a model folder was made (durations, paths): not part of what the model is
+RECORDS = ("source.json", "training.json", "merge.json", "quantization.json")
+
+
 def hash_tree(folder: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (relative path -> hex), skipping source.json."""
+    """sha256 of every file under ``folder`` (relative path -> hex), skipping the RECORDS, so that
+    a rerun (or a resumed run) that made the same files has the same hash."""
     root = Path(folder)
     return {
         str(p.relative_to(root)): sha256_file(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "source.json"
+        if p.is_file() and p.name not in RECORDS
     }
 
 
