@@ -109,6 +109,12 @@ def test_interrupted_run_resumes_to_the_same_adapter(sig, tiny_model, tiny_data,
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max().item() < 1e-5, key
+    # the record too: the resumed run's train_loss and loss history are the uninterrupted run's
+    ra, rb = (json.loads((d / "training.json").read_text()) for d in (ref, out))
+    assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
+    losses = [[(h["step"], h["loss"]) for h in r["log_history"] if "loss" in h] for r in (ra, rb)]
+    assert [s for s, _ in losses[1]] == [s for s, _ in losses[0]]
+    assert [v for _, v in losses[1]] == pytest.approx([v for _, v in losses[0]], rel=1e-4)
 
 
 def test_system_prompt_is_prepended_only_where_missing(tokenizer):

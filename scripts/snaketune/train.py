@@ -385,14 +385,39 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+LOSS_TOTAL = "loss_total.json"  # in each checkpoint: the loss sums of every step so far
+
+
 def trainer_class():
     """transformers.Trainer that counts the tokens of a padding-free batch (no attention_mask: the
     packed collator's) from its shape on one process; transformers reads a device tensor back
-    for it every step, a host sync that leaves the GPU idle while the next step is set up."""
+    for it every step, a host sync that leaves the GPU idle while the next step is set up.
+
+    It also keeps ``train_loss`` right across a resume: transformers sums the loss of the steps of
+    this session only and divides by every step (a run resumed at step 20 of 40 reported about half
+    its loss), so each checkpoint stores the sum so far and a resume starts from it."""
     import torch
     from transformers import Trainer
+    from transformers.trainer_pt_utils import nested_gather
 
     class SnaketuneTrainer(Trainer):
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+            if self.args.should_save:
+                folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+                write_json(folder / LOSS_TOTAL, {"step": self.state.global_step, "logged": self._total_loss_scalar,
+                                                 "pending": pending, "last_logged": self._globalstep_last_logged})
+
+        def _load_rng_state(self, checkpoint):
+            super()._load_rng_state(checkpoint)  # called once, when training resumes from checkpoint
+            saved = Path(checkpoint) / LOSS_TOTAL if checkpoint else None
+            if saved and saved.is_file():  # the loss sums as they were: the next log covers the same steps
+                record = json.loads(saved.read_text())
+                self._total_loss_scalar = record["logged"]
+                self._tr_loss += record["pending"]
+                self._globalstep_last_logged = record["last_logged"]
+
         def _track_num_input_tokens(self, inputs):
             ids = inputs.get("input_ids")
             if (self.args.include_num_input_tokens_seen != "no" and self.args.world_size == 1
