@@ -295,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         if not in_slurm_job(env):
             if args.nodes > 1:
                 raise ValueError(f"--nodes {args.nodes} needs a Slurm job")
+            if args.gpus and not visible_gpus(env):
+                # a machine without GPUs (a laptop, CI): the step runs on the CPU instead of failing;
+                # in a Slurm job the GPUs are the job's, so this never applies there
+                log(f"this machine shows no GPU: running on the CPU (the step asked for {args.gpus})")
+                args.gpus = 0
             if args.gpus == 0:
                 env["CUDA_VISIBLE_DEVICES"] = ""
             elif not args.dry_run:

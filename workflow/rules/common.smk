@@ -320,22 +320,6 @@ def job_label(rule):
     return lambda wc: f"{rule}[{','.join(f'{k}={v}' for k, v in wc.items())}]"
 
 
-def _local_gpus():
-    """GPUs a local run can use (None for cluster runs and jobs, which keep the declared resources)."""
-    from snaketune.launch import in_slurm_job, visible_gpus
-
-    if workflow.non_local_exec or in_slurm_job(os.environ):
-        return None
-    return len(visible_gpus(os.environ))
-
-
-# A local run on a machine without GPUs runs the GPU steps on the CPU instead of failing each one.
-LOCAL_GPUS = _local_gpus()
-if LOCAL_GPUS == 0 and not config["resources"].get("gpu", {}).get("gpu") == 0:
-    print("snaketune: this machine shows no GPU: train, quantize and evaluate run on the CPU "
-          "(a Slurm profile keeps the declared GPUs)", file=sys.stderr)
-
-
 RESOURCE_DEFAULTS = {
     "gpu": {"gpu": 1, "nodes": 1, "mem_mb": 16000, "runtime": 120},
     "cpu": {"gpu": 0, "mem_mb": 4000, "runtime": 60},
@@ -361,8 +345,6 @@ def job_resources(kind, section=None, wildcard=None):
         merged = {**RESOURCE_DEFAULTS[kind], **config["resources"].get(kind, {})}
         if section:
             merged.update(config[section][wildcards[wildcard]].get("resources", {}))
-        if LOCAL_GPUS == 0:
-            merged["gpu"] = 0
         if not merged["gpu"]:
             merged.pop("gpu_model", None)  # the Slurm plugin would ask for --gpus=<model>:0
         return merged
