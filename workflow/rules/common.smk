@@ -167,7 +167,7 @@ def _check_references():
         if quant.get("dataset") and quant["dataset"] not in config["datasets"]:
             problems.append(f"quantize.{name}.dataset: {quant['dataset']!r} is not a key of datasets")
         elif quant["method"] in CALIBRATED:
-            dataset = quant.get("dataset") or next(iter(config["datasets"]))
+            dataset = quant_dataset(name)
             if "chat" not in kinds(config["datasets"][dataset]):
                 problems.append(f"quantize.{name}.dataset: {quant['method']} calibrates on chat rows, but dataset "
                                 f"{dataset!r} has format {config['datasets'][dataset]['format']!r}: name a dataset "
@@ -279,9 +279,13 @@ def bench_data(wildcards):
     return f"{RESULTS}/datasets/{config['benches'][wildcards.bench]['dataset']}"
 
 
+def quant_dataset(name):
+    """The dataset a quantize block calibrates on: its own, else the first of the config."""
+    return config["quantize"][name].get("dataset") or next(iter(config["datasets"]))
+
+
 def quant_data(wildcards):
-    dataset = config["quantize"][wildcards.quant].get("dataset") or next(iter(config["datasets"]))
-    return f"{RESULTS}/datasets/{dataset}"
+    return f"{RESULTS}/datasets/{quant_dataset(wildcards.quant)}"
 
 
 def _files(path):
