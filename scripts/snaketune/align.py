@@ -520,6 +520,8 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     print(f"aligning {stage}{'/' + variant if variant else ''}/{recipe.get('train_type', 'lora')}: "
           f"{trainable:,} of {total:,} parameters trainable, {total_steps} steps, batch {batch}x{accum}x{world}, "
           f"{dtype_name}, reference: {reference_kind(stage, recipe, variant)}", flush=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     if preempted.signal:
@@ -547,6 +549,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "wall_seconds": time.perf_counter() - t0,
         "tokens": progress.tokens(trainer.state) or None,  # None: this trl trainer counts none
         **progress.timing(),
+        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "trainable_params": trainable,
         "total_params": total,
         "dtype": dtype_name,
@@ -595,7 +598,7 @@ def main(argv=None):
         s = align(args.base, args.data, recipe, args.out, args.checkpoints, run)
         run.log_metrics({k: v for k, v in s.items() if k.startswith(("first_", "final_")) or
                          k in ("train_loss", "tokens_per_s", "wall_seconds", "warmup_seconds", "steps",
-                               "trainable_params")})
+                               "trainable_params", "gpu_peak_gib")})
         run.log_artifact(Path(args.out) / "training.json")
     print(f"aligned {s['stage']}{'/' + s['variant'] if s['variant'] else ''}/{s['train_type']}: {s['steps']} steps "
           f"in {s['wall_seconds']:.0f} s, loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} -> {args.out}")

@@ -114,9 +114,11 @@ def build_tiny(params: dict, out: Path) -> None:
                   "num_key_value_heads", "max_position_embeddings")
         if k in params
     }
+    # padded_vocab_size: embedding/LM-head rows beyond the tokenizer's, as real checkpoints have
+    # (Qwen2.5: 151,936 rows for 151,665 tokens), so the head and the loss cost what they cost there
     config = AutoConfig.for_model(
         arch,
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), params.get("padded_vocab_size") or 0),
         tie_word_embeddings=params.get("tie_word_embeddings", True),
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
@@ -124,7 +126,8 @@ def build_tiny(params: dict, out: Path) -> None:
         **dims,
     )
     torch.manual_seed(params.get("seed", 0))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[params.get("dtype", "fp32")]
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )

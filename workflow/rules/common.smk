@@ -36,10 +36,12 @@ def _check_yaml(path):
                             "(unclosed brackets or quotes, tabs, or wrong indentation)") from None
 
 
-_check_yaml("config.yaml")
+# config.yaml is the default study. A study given with --configfile replaces it: Snakemake would
+# merge the two (the demo's models, recipes and `resources.gpu: {gpu: 0}` leaking into that study).
+if not workflow.overwrite_configfiles:
+    _check_yaml("config.yaml")
 
-
-configfile: "config.yaml"
+    configfile: "config.yaml"
 
 
 def _config_problems(schema_path):

@@ -1,0 +1,57 @@
+"""Chat rows of realistic, varied lengths for the GPU end-to-end study (configs/gpu-e2e.yaml).
+
+Deterministic (seeded): a user turn and an assistant turn of random English words (the words the
+tiny tokenizer of `source: tiny` models was trained on, about one token each), lengths spread
+log-uniformly so that packing matters: a row is 40-2,000 tokens, about 700 on average.
+
+    python3 benchmarks/gpu_e2e_data.py --out results/gpu-e2e-data/chat.jsonl [--rows 600] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+WORDS = (
+    "the of and to in is you that it he was for on are as with his they at be this from have "
+    "or by one had not but what all were when we there can an your which their said if do will "
+    "each about how up out them then she many some so these would other into has more two like "
+    "him see time could no make than first been its who now people my made over did down only way "
+    "find use may water long little very after words called just where most know answer question "
+    "sum plus minus add number result assistant user system helpful correct wrong"
+).split()
+
+
+def rows(n: int, seed: int, shortest: int = 40, longest: int = 2000) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        total = int(math.exp(rng.uniform(math.log(shortest), math.log(longest))))
+        user = max(4, int(total * rng.uniform(0.2, 0.6)))
+        answer = max(4, total - user)
+        out.append({"messages": [
+            {"role": "user", "content": "Continue: " + " ".join(rng.choices(WORDS, k=user))},
+            {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=answer))},
+        ]})
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rows", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = rows(args.rows, args.seed)
+    path.write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
+    words = [sum(len(m["content"].split()) for m in r["messages"]) for r in data]
+    print(f"{path}: {len(data)} rows, {min(words)}-{max(words)} words, mean {sum(words) / len(words):.0f}")
+
+
+if __name__ == "__main__":
+    main()
