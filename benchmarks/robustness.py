@@ -43,7 +43,7 @@ def machine_caps() -> list[str]:
     return list(ORDER[: ORDER.index(native) + 1]) if native in ORDER else ["default", native]
 
 
-def run_one(cap: str, mkl: str, seed: int, select: str) -> dict:
+def run_one(cap: str, mkl: str, seed: int, select: str, keyword: str) -> dict:
     """One `pytest -m learning` run; its recorded outcomes and pass/fail."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "learning.jsonl"
@@ -53,7 +53,7 @@ def run_one(cap: str, mkl: str, seed: int, select: str) -> dict:
             env["MKL_CBWR"] = mkl
         t0 = time.time()
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", select,
-                                 "--durations=0"], cwd=ROOT, env=env, capture_output=True, text=True)
+                                 "-k", keyword, "--durations=0"], cwd=ROOT, env=env, capture_output=True, text=True)
         records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
     return {"capability": cap, "mkl_cbwr": mkl, "seed": seed, "records": records, "pytest": tail,
@@ -81,13 +81,14 @@ def main():
     ap.add_argument("--caps", nargs="+", help="ATEN_CPU_CAPABILITY values (default: every one this CPU has)")
     ap.add_argument("--mkl", nargs="+", default=["AUTO"], help="MKL_CBWR code paths (AUTO = MKL's own choice)")
     ap.add_argument("-m", dest="select", default="learning", help="pytest marker expression")
+    ap.add_argument("-k", dest="keyword", default="", help="pytest keyword expression (e.g. one test)")
     ap.add_argument("--jobs", type=int, default=1, help="pytest runs at a time (each uses both cores)")
     args = ap.parse_args()
     caps = args.caps or machine_caps()
     grid = [(c, m, s) for c in caps for m in args.mkl for s in args.seeds]
     runs = []
     with cf.ThreadPoolExecutor(args.jobs) as pool:
-        for fut in cf.as_completed([pool.submit(run_one, *g, args.select) for g in grid]):
+        for fut in cf.as_completed([pool.submit(run_one, *g, args.select, args.keyword) for g in grid]):
             run = fut.result()
             runs.append(run)
             print(f"{run['capability']}/{run['mkl_cbwr']}/seed {run['seed']}: {run['pytest']} ({run['seconds']} s)",

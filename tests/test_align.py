@@ -1,7 +1,9 @@
 """The align step: DPO/KTO/ORPO/SimPO/CPO, reward models and the GRPO family on the tiny task.
 
-One full-FT SFT model (500 steps on sums of 0..19, ~25% greedy exact match: headroom for every
-method) is trained once per module; every method starts from it. Runs are short and single-threaded.
+Two full-FT SFT models on sums of 0..19 are trained once per module: `sft_model` (32 wide, 500
+steps, ~25% greedy exact match: headroom for GRPO's reward) and `pref_sft` (64 wide, 4 layers,
+600 steps), the start of the preference methods and the reward model, whose outcomes must hold
+under every CPU capability and seed (issue 18). Runs are short and single-threaded.
 """
 
 import json
@@ -44,12 +46,33 @@ def sft_model(tiny_model, arith, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def start(sft_model, arith):
-    """Held-out preference accuracy of the SFT model (the starting point of every method)."""
+def pref_sft(arith, tmp_path_factory):
+    """The start of the preference methods: a wider tiny model (64 wide, 4 layers), SFT 600 steps
+    with a cosine schedule, that ranks ~97% of held-out pairs right. The 32-wide fixture above is
+    too chaotic for them: its start (0.63-0.80 held-out pair accuracy) and every method's change
+    of it (-0.07..+0.07) moved with the CPU capability and the seed (issue 18)."""
+    from snaketune.model import fetch
+    from snaketune.train import train
+
+    from conftest import TINY
+
+    base = tmp_path_factory.mktemp("models") / "tiny64"
+    fetch({**TINY, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4}, base)
+    out = tmp_path_factory.mktemp("align-pref-sft") / "sft"
+    recipe = {"stage": "sft", "train_type": "full", "learning_rate": 2e-3, "lr_scheduler": "cosine",
+              "batch_size": 16, "max_steps": 600, "max_length": 48, "logging_steps": 100, "save_steps": 10000,
+              "seed": LEARNING_SEED}
+    train(str(base), [str(arith)], recipe, str(out), str(out.with_name("ckpt")), MemoryRun())
+    return out
+
+
+@pytest.fixture(scope="module")
+def start(pref_sft, arith):
+    """Held-out preference accuracy and margin of the preference methods' start."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(sft_model)
-    return preference_accuracy(AutoModelForCausalLM.from_pretrained(sft_model), tok, heldout(arith))
+    tok = AutoTokenizer.from_pretrained(pref_sft)
+    return preference_accuracy(AutoModelForCausalLM.from_pretrained(pref_sft), tok, heldout(arith))
 
 
 def load_policy(out, base):
@@ -66,9 +89,7 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-# key parameters per method: 100 steps, lr 1e-4, full fine-tuning. At lr 1e-3 the methods overshoot
-# on this task (every answer drifts upwards; KTO then ends below the start, 0.78 -> 0.76), see
-# docs/align.md.
+# key parameters per method: 100 steps, lr 1e-4, full fine-tuning, from `pref_sft`.
 METHODS = {
     "dpo": {"beta": 0.5},
     "kto": {"beta": 0.5},
@@ -80,23 +101,27 @@ METHODS = {
 
 @pytest.mark.learning
 @pytest.mark.parametrize("stage", list(METHODS))
-def test_preference_method_raises_heldout_accuracy_and_margins(stage, sft_model, arith, start, tmp_path):
+def test_preference_method_raises_heldout_margins(stage, pref_sft, arith, start, tmp_path):
+    """Every method widens the log-probability margin of right over wrong answers on held-out sums
+    (pairs it never trained on): by 0.27-1.47 nats over seeds 0-2 x ATEN_CPU_CAPABILITY
+    default/avx2/avx512 (benchmarks/results/robustness.json), asserted > 0.1.
+
+    Held-out pair *accuracy* is printed, not asserted: from a start near 0.97 it moves by -0.10..+0.01,
+    and from a weaker start (0.63-0.80) by -0.07..+0.07 with the machine: on this task no method
+    raises it reliably (each wrong answer is a near miss: 1, 2 or 10 off)."""
     from transformers import AutoTokenizer
 
     run = MemoryRun()
     recipe = {"stage": stage, "train_type": "full", "learning_rate": 1e-4, "lr_scheduler": "constant",
               "batch_size": 16, "max_steps": 100, "logging_steps": 10, "seed": LEARNING_SEED, **METHODS[stage]}
     out = tmp_path / "out"
-    align(str(sft_model), [str(arith)], recipe, str(out), str(tmp_path / "ckpt"), run)
-    after = preference_accuracy(load_policy(out, sft_model), AutoTokenizer.from_pretrained(out), heldout(arith))
+    align(str(pref_sft), [str(arith)], recipe, str(out), str(tmp_path / "ckpt"), run)
+    after = preference_accuracy(load_policy(out, pref_sft), AutoTokenizer.from_pretrained(out), heldout(arith))
     print(f"{stage}: held-out preference accuracy {start['accuracy']:.3f} -> {after['accuracy']:.3f}, "
           f"margin {start['margin']:.2f} -> {after['margin']:.2f}; logged reward margin "
           f"{run.metrics['margins'][0]:.3f} -> {run.metrics['margins'][-1]:.3f}")
-    record_learning(f"{stage} held-out pair accuracy gain", after["accuracy"] - start["accuracy"], 0)
-    record_learning(f"{stage} held-out margin gain", after["margin"] - start["margin"], 0)
-    assert after["accuracy"] > start["accuracy"]
-    assert after["margin"] > start["margin"]
-    assert mean(run.metrics["margins"][-3:]) > mean(run.metrics["margins"][:3])
+    record_learning(f"{stage} held-out margin gain", after["margin"] - start["margin"], 0.1)
+    assert after["margin"] > start["margin"] + 0.1
     for key in ("loss", "rewards/chosen", "rewards/rejected", "margins", "learning_rate"):
         assert len(run.metrics[key]) == 10, key
     assert len(run.metrics["accuracies" if stage != "kto" else "kl"]) == 10
@@ -166,35 +191,27 @@ def test_lora_dpo_from_the_cli_logs_to_mlflow(sft_model, arith, tmp_path):
 
 
 @pytest.mark.learning
-def test_reward_model_ranks_heldout_pairs(sft_model, arith, tmp_path):
+def test_reward_model_ranks_heldout_pairs(pref_sft, arith, tmp_path):
     """stage rm: a sequence-classification model whose score ranks held-out pairs well above chance,
-    usable as a GRPO reward. The score reads the last token, so the 2-layer model has to check the
-    sum digit by digit there: it starts from a longer-trained SFT model (800 steps, ~70% exact match)
-    and trains on every kind of wrong answer of each training sum. The score is read at the
-    end-of-turn marker (rows rendered up to it), as the reward function reads generated answers."""
+    usable as a GRPO reward. The score reads the last token (the end-of-turn marker, rows rendered up
+    to it, as the reward function reads generated answers), so the model has to check the sum there:
+    it starts from `pref_sft` and trains on every kind of wrong answer of each training sum.
+    lr 3e-4: 0.74-0.89 held-out over seeds 0-2 x capabilities; at 1e-3 it did not even fit its
+    training pairs on some machines (held-out 0.56-0.74)."""
     from snaketune.rewards import build_reward, load_reward_model
-    from snaketune.train import train
-
-    backbone = tmp_path / "sft800"
-    train(str(sft_model), [str(arith)], {"stage": "sft", "train_type": "full", "learning_rate": 5e-3,
-                                         "lr_scheduler": "constant", "batch_size": 16, "max_steps": 300,
-                                         "max_length": 48, "logging_steps": 100, "save_steps": 10000,
-                                         "seed": 1 + LEARNING_SEED},
-          str(backbone), str(tmp_path / "ckpt-sft"), MemoryRun())
 
     pairs = tmp_path / "pairs"  # every kind of wrong answer for each training sum
     pairs.mkdir()
     (pairs / "preference.jsonl").write_text("".join(json.dumps(p) + "\n" for p in addition_pairs(read(arith / "train.jsonl"))))
     run = MemoryRun()
-    recipe = {"stage": "rm", "train_type": "full", "learning_rate": 1e-3, "batch_size": 16, "max_steps": 1000,
+    recipe = {"stage": "rm", "train_type": "full", "learning_rate": 3e-4, "batch_size": 16, "max_steps": 1000,
               "weight_decay": 0.1, "logging_steps": 50, "seed": LEARNING_SEED}
     out = tmp_path / "rm"
-    align(str(backbone), [str(pairs)], recipe, str(out), str(tmp_path / "ckpt"), run)
+    align(str(pref_sft), [str(pairs)], recipe, str(out), str(tmp_path / "ckpt"), run)
     model, tok = load_reward_model(out)
     acc = reward_accuracy(model, tok, heldout(arith))
     print(f"rm: held-out pair accuracy {acc['accuracy']:.3f}, margin {acc['margin']:.3f}; logged "
           f"accuracy {run.metrics['accuracies'][0]:.3f} -> {run.metrics['accuracies'][-1]:.3f}")
-    # 0.746 here; other score-head seeds 0.708 / 0.838, another SFT seed 0.683
     record_learning("rm held-out pair accuracy", acc["accuracy"], 0.65)
     assert acc["accuracy"] >= 0.65
     assert "margins" in run.metrics and "loss" in run.metrics
