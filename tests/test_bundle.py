@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snaketune.bundle import check_manifest, compare, sha256_file, table, tolerance_for, write_tar
+from snaketune.bundle import EXIT_NEEDS_CONSENT, check_manifest, compare, sha256_file, table, tolerance_for, write_tar
+from snaketune.bundle import verify as verify_in_process
 from conftest import Background, finished_study
 from test_determinism import MODEL
 
@@ -47,6 +48,93 @@ def test_compare_within_and_outside_tolerance():
     assert "eval/m/v/b.n" not in {r["metric"] for r in compare(bundled, new, {}, True)}
 
 
+# ------------------------------------------------- fast: a hand-made bundle, what verify refuses
+
+def fake_bundle(root: Path, score: float = 0.25) -> Path:
+    """A minimal consistent bundle folder: one eval JSON, reproduce.json, summary, README, code."""
+    from snaketune.summary import markdown
+
+    top = root / STUDY
+    (top / "results/m/v/eval").mkdir(parents=True)
+    (top / "results/m/v/eval/b.json").write_text(json.dumps({"metric": "exact_match", "score": score, "n": 4}))
+    rows = [{"model": "m", "variant": "v", "bench": "b", "metric": "exact_match", "score": score, "n": 4,
+             "size_mb": 1.0, "quantization": None, "serving": None}]
+    (top / "results/summary.json").write_text(json.dumps({"rows": rows}))
+    (top / "results/summary.md").write_text(markdown(rows))
+    (top / "README.md").write_text("# bundle\n\n" + markdown(rows) + "\nverify it\n")
+    (top / "reproduce.json").write_text(json.dumps({"metrics": {"eval/m/v/b.exact_match": score, "eval/m/v/b.n": 4}}))
+    (top / "code/untracked/workflow").mkdir(parents=True)
+    (top / "code/untracked/workflow/Snakefile").write_text("shell('touch /tmp/owned')\n")
+    (top / "code/git.json").write_text(json.dumps({"commit": "a" * 40, "branch": "main", "remote": None}))
+    (top / "code/dirty.diff").write_text("--- a/scripts/x.py\n+++ b/scripts/x.py\n@@ -1 +1 @@\n-a\n+b\n")
+    return top
+
+
+def run_verify(bundle: Path, workdir, **kw) -> tuple[int, str]:
+    import io
+
+    out = io.StringIO()
+    return verify_in_process(bundle, workdir=workdir, out=out, **kw), out.getvalue()
+
+
+def test_verify_shows_the_bundles_code_and_runs_it_only_when_asked(tmp_path, monkeypatch):
+    top = fake_bundle(tmp_path / "src")
+    bundle = repack(top, tmp_path / "b.tar.gz", refresh_manifest=True)
+    monkeypatch.chdir(tmp_path)
+    code, out = run_verify(bundle, Path("rel/verify"))  # a relative --workdir works
+    assert code == EXIT_NEEDS_CONSENT, out
+    assert "bundle hash check:" in out and "bundle numbers check:" in out
+    assert "a" * 40 in out and "scripts/x.py" in out and "workflow/Snakefile" in out and "--run-bundle-code" in out
+    assert "re-running" not in out and (tmp_path / "rel/verify/bundle" / STUDY / "README.md").is_file()
+
+
+@pytest.mark.parametrize("edit", ["readme", "summary_md", "summary_json", "eval_json", "extra_eval"])
+def test_shown_numbers_must_be_the_reproduced_ones(edit, tmp_path):
+    """A bundle edited to show a better score, with MANIFEST.json recomputed, fails before any run."""
+    top = fake_bundle(tmp_path / "src")
+    path = {"readme": top / "README.md", "summary_md": top / "results/summary.md",
+            "summary_json": top / "results/summary.json", "eval_json": top / "results/m/v/eval/b.json"}.get(edit)
+    if path is not None:
+        path.write_text(path.read_text().replace("0.25", "0.98"))
+    else:
+        shutil_copy = top / "results/m/w/eval"
+        shutil_copy.mkdir(parents=True)
+        (shutil_copy / "b.json").write_text(json.dumps({"metric": "exact_match", "score": 0.98, "n": 4}))
+    bundle = repack(top, tmp_path / "b.tar.gz", refresh_manifest=True)
+    code, out = run_verify(bundle, tmp_path / "verify", run_bundle_code=True)
+    assert code == 1 and "bundle numbers check FAILED" in out, out
+    named = {"readme": "README.md", "summary_md": "results/summary.md", "summary_json": "results/summary.json",
+             "eval_json": "eval/m/v/b.exact_match", "extra_eval": "eval/m/w/b.exact_match"}[edit]
+    assert named in out and "re-running" not in out
+
+
+def tar_with(members: dict[str, bytes | str], out: Path) -> Path:
+    """A tar.gz with regular files (bytes) and symlinks (str: the link target)."""
+    import io
+
+    with tarfile.open(out, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(data, str):
+                info.type, info.linkname = tarfile.SYMTYPE, data
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+@pytest.mark.parametrize("bad", ["../escape.txt", "/abs.txt", f"{STUDY}/link", "beside.txt"])
+def test_bad_archive_members_are_refused_before_anything_is_extracted(bad, tmp_path):
+    members = {f"{STUDY}/README.md": b"first member, a good one\n"}
+    members[bad] = "/etc/passwd" if bad.endswith("link") else b"x"
+    bundle = tar_with(members, tmp_path / "bad.tar.gz")
+    with pytest.raises(Exception, match="nothing extracted") as err:
+        run_verify(bundle, tmp_path / "verify", run_bundle_code=True)
+    assert bad.lstrip("/").split("/")[-1] in str(err.value)
+    assert not list((tmp_path / "verify").rglob("*.md")) and not (tmp_path / "escape.txt").exists()
+
+
 # ------------------------------------------------------------------ slow: the real study's bundle
 
 
@@ -68,7 +156,7 @@ def unpacked(bundle, tmp_path_factory) -> Path:
 
 def verify(bundle: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snaketune.bundle", "verify", str(bundle), "--workdir", str(workdir),
-                           *args], capture_output=True, text=True, timeout=1500)
+                           "--run-bundle-code", *args], capture_output=True, text=True, timeout=1500)
 
 
 def repack(top: Path, out: Path, refresh_manifest: bool) -> Path:
@@ -182,16 +270,39 @@ def test_altered_file_fails_the_hash_check_with_its_name(bundle, unpacked, tmp_p
     assert "re-running" not in out
 
 
+def push_score(top: Path, key: str, delta: float) -> None:
+    """Raise one eval score everywhere the bundle shows it (eval JSON, summary, README, reproduce.json),
+    as a consistent bundle whose run cannot be reproduced would show it."""
+    from snaketune.summary import markdown
+
+    model, *variant, rest = key.split("/")[1:]
+    bench = rest.split(".")[0]
+    eval_json = top / "results" / model / "/".join(variant) / "eval" / f"{bench}.json"
+    record = json.loads(eval_json.read_text())
+    record["score"] += delta
+    eval_json.write_text(json.dumps(record))
+    spec = json.loads((top / "reproduce.json").read_text())
+    spec["metrics"][key] = record["score"]
+    (top / "reproduce.json").write_text(json.dumps(spec))
+    summary = json.loads((top / "results/summary.json").read_text())
+    for row in summary["rows"]:
+        if (row["model"], row["variant"], row["bench"]) == (model, "/".join(variant), bench):
+            row["score"] = record["score"]
+    (top / "results/summary.json").write_text(json.dumps(summary))
+    old_md = (top / "results/summary.md").read_text()
+    (top / "results/summary.md").write_text(markdown(summary["rows"]))
+    readme = top / "README.md"
+    readme.write_text(readme.read_text().replace(old_md.strip(), markdown(summary["rows"]).strip()))
+
+
 @pytest.mark.slow
 def test_metric_outside_its_tolerance_fails_with_the_metric_named(bundle, unpacked, tmp_path):
     import shutil
 
     top = tmp_path / STUDY
     shutil.copytree(unpacked, top)
-    spec = json.loads((top / "reproduce.json").read_text())
     key = f"eval/{MODEL}/base/arith.exact_match"
-    spec["metrics"][key] += 0.5
-    (top / "reproduce.json").write_text(json.dumps(spec))
+    push_score(top, key, 0.5)
     config = yaml.safe_load((top / "config.yaml").read_text())
     config["reproduce"]["tolerance"]["cpu"] = {"exact_match": 0.02}  # declared in the config; 0.5 is outside
     (top / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -19,8 +19,10 @@
     <study>/report.html              the Snakemake report
     <study>/MANIFEST.json            sha256 of every file above (the bundle's own hashes)
 
-``python -m snaketune.bundle verify BUNDLE [--targets ...] [--workdir DIR]`` checks the bundle's
-own hashes (a changed, missing or added file fails with its name), re-runs the study (or the named
+``python -m snaketune.bundle verify BUNDLE [--run-bundle-code] [--targets ...] [--workdir DIR]`` checks
+the archive's members before extracting any, the bundle's own hashes (a changed, missing or added
+file fails with its name) and that the numbers it shows are those of reproduce.json; with
+``--run-bundle-code`` (or ``--code current``) it re-runs the study (or the named
 targets) from the bundled config and code with Snakemake in a fresh directory, compares every
 metric with the bundled value within the tolerances of the config's ``reproduce`` block and prints
 ``metric | bundled | new | delta | tol | result``; it exits 1 on any failure.
@@ -52,6 +54,7 @@ OWN_FILES = {"logs/bundle.log", "benchmarks/bundle.tsv"}  # the bundle job's own
 CODE_DIRS = ("workflow", "scripts", "envs", "configs", "profiles", "ci")
 TRAINING_METRICS = ("train_loss", "first_loss", "final_loss", "steps")
 EXIT_FAILED = 1
+EXIT_NEEDS_CONSENT = 3
 
 
 # ----------------------------------------------------------------------------------------- hashes
@@ -371,12 +374,14 @@ With snaketune set up (`git clone` the repository, `make setup`; or the packages
 `env/requirements.lock` in a virtual environment with `pip install -e .` of the bundled code):
 
 ```bash
-.venv/bin/python -m snaketune.bundle verify {name}.tar.gz              # the whole study
-.venv/bin/python -m snaketune.bundle verify {name}.tar.gz \\
+.venv/bin/python -m snaketune.bundle verify {name}.tar.gz              # checks, shows the code it would run
+.venv/bin/python -m snaketune.bundle verify --run-bundle-code {name}.tar.gz   # the whole study
+.venv/bin/python -m snaketune.bundle verify --run-bundle-code {name}.tar.gz \\
     --targets results/{example_target}                                   # one number
 ```
 
-`verify` checks every file of the bundle against `MANIFEST.json`, rebuilds the bundled code
+`verify` checks every file of the bundle against `MANIFEST.json` and that this README, the summary
+and the result files show the numbers of `reproduce.json`; with `--run-bundle-code` it rebuilds the bundled code
 (commit + `code/dirty.diff`), re-runs the study from `config.yaml` with Snakemake in a fresh
 directory (`--workdir DIR` to keep it), compares every metric of `reproduce.json` with the new
 run and prints `metric | bundled | new | delta | tol | result`. It exits 1 if any file was
@@ -532,17 +537,79 @@ def check_manifest(top: Path) -> list[str]:
 
 
 def unpack(bundle: Path, dest: Path) -> Path:
+    """Extract the bundle into ``dest`` after checking every member (nothing is extracted when one
+    is refused): paths inside ``dest`` (no absolute paths, no ``..``, no links leading out), and
+    exactly one top folder with nothing beside it."""
     if not bundle.is_file():
         raise SnaketuneError(f"bundle {bundle} does not exist")
     try:
         with tarfile.open(bundle) as tar:
-            tar.extractall(dest, filter="data")
+            members = tar.getmembers()
+            refused = []
+            for member in members:
+                if os.path.isabs(member.name) or ".." in Path(member.name).parts:
+                    refused.append(f"{member.name}: an absolute path or '..'")
+                    continue
+                try:
+                    tarfile.data_filter(member, str(dest))
+                except tarfile.FilterError as exc:
+                    refused.append(f"{member.name}: {exc}")
+            if refused:
+                raise SnaketuneError(f"{bundle}: refused, nothing extracted: " + "; ".join(refused[:5]))
+            tops = sorted({Path(m.name).parts[0] for m in members})
+            beside = [m.name for m in members if len(Path(m.name).parts) == 1 and not m.isdir()]
+            if len(tops) != 1 or beside:
+                raise SnaketuneError(f"{bundle}: a bundle holds one study folder and nothing beside it; found "
+                                     f"{tops}" + (f" (files at the top: {beside})" if beside else "")
+                                     + " — nothing extracted")
+            tar.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise SnaketuneError(f"{bundle} is not a readable tar.gz bundle: {exc}") from None
-    tops = [p for p in dest.iterdir() if p.is_dir()]
-    if len(tops) != 1:
-        raise SnaketuneError(f"{bundle}: expected one top folder, found {[p.name for p in tops]}")
-    return tops[0]
+    return dest / tops[0]
+
+
+def displayed_problems(top: Path, spec: dict) -> list[str]:
+    """Numbers a reader of the bundle sees that are not the ones ``reproduce.json`` holds (and
+    verify re-checks): the eval and training JSON under results/, summary.json, summary.md and the
+    summary table in README.md."""
+    from snaketune.summary import markdown
+
+    metrics = spec.get("metrics", {})
+    shown = collect_metrics(top / "results")
+    problems = [f"{key}: the bundle's results/ say {shown[key]!r}, reproduce.json {metrics[key]!r}"
+                for key in sorted(set(shown) & set(metrics)) if shown[key] != metrics[key]]
+    problems += [f"{key}: in reproduce.json but no file of the bundle's results/ shows it"
+                 for key in sorted(set(metrics) - set(shown))]
+    problems += [f"{key}: in the bundle's results/ but not in reproduce.json" for key in sorted(set(shown) - set(metrics))]
+    summary_json, summary_md = top / "results" / "summary.json", top / "results" / "summary.md"
+    if summary_json.is_file():
+        rows = json.loads(summary_json.read_text())["rows"]
+        for r in rows:
+            key = f"eval/{r['model']}/{r['variant']}/{r['bench']}.{r['metric']}"
+            if metrics.get(key) != r["score"]:
+                problems.append(f"results/summary.json: {key} is {r['score']!r}, reproduce.json {metrics.get(key)!r}")
+        if summary_md.is_file() and summary_md.read_text() != markdown(rows):
+            problems.append("results/summary.md: its table is not the one summary.json gives")
+    readme = (top / "README.md").read_text() if (top / "README.md").is_file() else ""
+    if summary_md.is_file() and summary_md.read_text().strip() not in readme:
+        problems.append("README.md: its summary table is not results/summary.md")
+    return problems
+
+
+def code_provenance(code: Path) -> str:
+    """What verify would run: the commit, where from, and the files the bundle changes or adds."""
+    git = json.loads((code / "git.json").read_text()) if (code / "git.json").is_file() else {}
+    lines = [f"  commit {git.get('commit', '?')} ({git.get('branch') or 'no branch'}, "
+             f"remote {git.get('remote') or 'none'})"]
+    diff = code / "dirty.diff"
+    if diff.is_file():
+        changed = sorted({ln[6:] for ln in diff.read_text().splitlines() if ln.startswith("+++ b/")})
+        lines.append(f"  changed against that commit (code/dirty.diff): {', '.join(changed) or 'nothing'}")
+    untracked = code / "untracked"
+    if untracked.is_dir():
+        added = sorted(str(f.relative_to(untracked)) for f in untracked.rglob("*") if f.is_file())
+        lines.append(f"  files not in that commit (code/untracked/): {', '.join(added) or 'none'}")
+    return "\n".join(lines)
 
 
 def _init_tracking(run_dir: Path) -> None:
@@ -572,10 +639,11 @@ def env_differences(bundled: dict, current: dict) -> list[str]:
 
 
 def verify(bundle: Path, targets: list[str] | None = None, workdir: Path | None = None, cores: int = 2,
-           code: str = "bundle", out=sys.stdout) -> int:
-    """Check, re-run and compare; returns the exit code (0 all pass, 1 any failure)."""
+           code: str = "bundle", run_bundle_code: bool = False, out=sys.stdout) -> int:
+    """Check, re-run and compare; returns the exit code (0 all pass, 1 any failure, 3 the bundle's
+    code was not run because ``run_bundle_code`` was not given)."""
     t0 = time.time()
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="snaketune-verify-"))
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="snaketune-verify-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if any(workdir.iterdir()):
         raise SnaketuneError(f"--workdir {workdir} is not empty: verify re-runs the study in a fresh directory")
@@ -588,12 +656,26 @@ def verify(bundle: Path, targets: list[str] | None = None, workdir: Path | None 
             print(f"  {p}", file=out)
         return EXIT_FAILED
     print(f"bundle hash check: {len(json.loads((top / 'MANIFEST.json').read_text())['files'])} files ok", file=out)
+    spec = json.loads((top / "reproduce.json").read_text())
+    problems = displayed_problems(top, spec)
+    if problems:
+        print("bundle numbers check FAILED (what the bundle shows is not what it claims to reproduce):", file=out)
+        for p in problems:
+            print(f"  {p}", file=out)
+        return EXIT_FAILED
+    print(f"bundle numbers check: results/, summary and README.md show reproduce.json's {len(spec['metrics'])} "
+          "metrics", file=out)
+    if code == "bundle" and not run_bundle_code:
+        print("verify re-runs the bundle's own code (Snakefile, rules, scripts), which can do anything you can:\n"
+              + code_provenance(top / "code")
+              + "\nRead it (unpacked in " + str(top / "code") + "), then run again with --run-bundle-code, or with "
+              "--code current to re-run the study with this checkout's code instead.", file=out)
+        return EXIT_NEEDS_CONSENT
 
     import yaml
 
     config = yaml.safe_load((top / "config.yaml").read_text())
     config.setdefault("tracking", {})["uri"] = ""  # the re-run logs into its own directory
-    spec = json.loads((top / "reproduce.json").read_text())
     env_now = environment()
     env_then = json.loads((top / "env" / "lock.json").read_text())
     for line in env_differences(env_then, env_now)[:20]:
@@ -677,6 +759,8 @@ def main(argv=None):
     v.add_argument("--cores", type=int, default=2)
     v.add_argument("--code", choices=["bundle", "current"], default="bundle",
                    help="run the bundled workflow code (default) or this checkout's")
+    v.add_argument("--run-bundle-code", action="store_true",
+                   help="agree to run the bundle's code (without it verify shows where the code comes from and stops)")
     args = ap.parse_args(argv)
     if args.command == "pack":
         raw = Path(args.config[1:]).read_text() if args.config.startswith("@") else args.config
@@ -688,7 +772,7 @@ def main(argv=None):
               f"commit {info['commit'][:12]}{' + diff' if info['dirty'] else ''}")
         return
     sys.exit(verify(Path(args.bundle), args.targets, Path(args.workdir) if args.workdir else None, args.cores,
-                    args.code))
+                    args.code, args.run_bundle_code))
 
 
 if __name__ == "__main__":
