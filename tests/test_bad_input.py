@@ -319,3 +319,31 @@ def test_auth_and_unknown_paths_answer_in_openai_shape(engine):
                          (client.get("/v1/nothing", headers={"authorization": "Bearer s3cret"}), 404)):
         assert resp.status_code == status and resp.json()["error"]["message"], resp.text
     assert client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer s3cret"}).status_code == 200
+
+
+@pytest.mark.parametrize("step", ["evaluate", "merge", "quantize"])
+def test_damaged_weights_are_a_message_naming_the_file_and_the_rerun(step, tiny_model, tmp_path):
+    """A model folder whose weights were cut short after the step that wrote it finished: Snakemake
+    still sees it as up to date, so the next step that reads it says what is wrong and how to rebuild."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    with pytest.raises(SnaketuneError, match=r"damaged weights in .*model\.safetensors.*--forcerun"):
+        if step == "evaluate":
+            from snaketune.evaluate import generate
+
+            generate(model, [[{"role": "user", "content": "What is 1+2?"}]], 4, 1)
+        elif step == "merge":
+            from snaketune.merge import merge
+
+            (tmp_path / "adapter").mkdir()
+            (tmp_path / "adapter/adapter_config.json").write_text("{}")
+            merge(str(model), str(tmp_path / "adapter"), str(tmp_path / "out"))
+        else:
+            from snaketune.quantize import quantize
+
+            quantize(str(model), None, {"method": "fp8"}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

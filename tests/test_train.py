@@ -73,6 +73,30 @@ def _train_cmd(tiny_model, tiny_data, out, ckpt, recipe):
             "--params", json.dumps(recipe), "--out", str(out), "--checkpoints", str(ckpt)]
 
 
+@pytest.mark.parametrize("broken", ["adapter_model.safetensors", "trainer_state.json", "optimizer.pt"])
+def test_a_broken_newest_checkpoint_falls_back_to_the_one_before(broken, tiny_model, tiny_data, tmp_path, capfd):
+    """A newest checkpoint cut short (killed or disk full while it was written) is set aside with a
+    warning and the run resumes from the previous one, ending where an unbroken run ends."""
+    from safetensors.torch import load_file
+
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 12, "save_steps": 4}
+    ref, ckpt = tmp_path / "ref", tmp_path / "ckpt"
+    train(str(tiny_model), [str(tiny_data)], recipe, str(ref), str(ckpt))
+    newest = ckpt / "checkpoint-12"
+    assert newest.is_dir() and (ckpt / "checkpoint-8").is_dir()
+    target = newest / broken
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    capfd.readouterr()
+
+    summary = train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "out"), str(ckpt))
+    err = capfd.readouterr().err
+    assert f"checkpoint {newest} is broken ({broken}" in err and "resuming from the one before it" in err
+    assert summary["resumed_from"] == str(ckpt / "checkpoint-8") and (ckpt / "broken-checkpoint-12").is_dir()
+    a, b = load_file(ref / "adapter_model.safetensors"), load_file(tmp_path / "out/adapter_model.safetensors")
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() < 1e-5, key
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGKILL], ids=lambda s: s.name)
 def test_interrupted_run_resumes_to_the_same_adapter(sig, tiny_model, tiny_data, tmp_path):
     """Stop a run mid-way (SIGTERM/SIGUSR1 as Slurm sends: checkpoint and exit 75; SIGKILL: no

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from snaketune.atomic import write_json
 from snaketune.errors import SnaketuneError, cli
-from snaketune.model import hash_tree
+from snaketune.model import check_weights, hash_tree
 
 METRICS = {
     "exact_match": lambda pred, ref: pred.strip() == ref.strip(),
@@ -55,6 +55,7 @@ def generate(model_dir: str | Path, prompts: list[list[dict]], max_new_tokens: i
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(1)
+    check_weights(model_dir, "evaluate")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

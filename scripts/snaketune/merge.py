@@ -13,6 +13,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune.model import check_weights
 
 CHECK_PROMPTS = ["What is 2+3?", "Hello, who are you?", "Write one word."]
 
@@ -30,6 +31,8 @@ def merge(base: str, adapter: str, out: str) -> dict:
         torch.set_num_threads(1)
     training = Path(adapter) / "training.json"
     quantized = json.loads(training.read_text()).get("base_quantization") if training.is_file() else None
+    check_weights(base, "merge")
+    check_weights(adapter, "merge")
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     if quantized:
         print(f"QLoRA adapter (trained on a {quantized.get('bits', 4)}-bit base): merging into the unquantized "

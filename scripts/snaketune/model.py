@@ -28,6 +28,32 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja"]
 
 
+
+def damaged_weights(folder: str | Path) -> list[str]:
+    """Safetensors files under ``folder`` that cannot be read whole (cut short by a kill or a full
+    disk, or edited): ``file: reason`` each; empty when every one is sound. Reads headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    problems = []
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), "np") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as exc:
+            problems.append(f"{f}: {exc}")
+    return problems
+
+
+def check_weights(folder: str | Path, step: str) -> None:
+    """Stop with advice when a model folder a step reads has damaged weights. Snakemake only
+    looks at file times, so a damaged output of an earlier step looks up to date."""
+    problems = damaged_weights(folder)
+    if problems:
+        raise SnaketuneError(f"{step}: damaged weights in {folder}: {'; '.join(problems[:3])}. Snakemake does not "
+                             "notice a damaged output; rebuild it with `snakemake --forcerun <the rule that wrote "
+                             f"it> {folder}` (or delete the folder and run again)")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of one file."""
     h = hashlib.sha256()

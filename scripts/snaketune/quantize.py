@@ -30,6 +30,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune.model import check_weights
 
 LLMC_METHODS = ("fp8", "gptq", "awq")
 BNB_METHODS = ("bnb-nf4", "bnb-int8")
@@ -247,6 +248,7 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
         raise SnaketuneError(f"unknown quantize method {method!r}: use one of {', '.join(METHODS)}")
     if not (Path(model_dir) / "config.json").is_file():
         raise SnaketuneError(f"quantize --model {model_dir} is not an HF model folder (no config.json)")
+    check_weights(model_dir, "quantize")
     # the workflow passes the study seed as params.seed; calibration.seed wins if given
     cal = {**DEFAULT_CALIBRATION, "seed": int(params.get("seed", 0)), **(params.get("calibration") or {})}
     start = time.time()

@@ -323,6 +323,9 @@ class TransformersEngine:
         self.torch = torch
         device = params.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = device
+        from snaketune.model import check_weights
+
+        check_weights(model_dir, "serve")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=device)
         self.model.eval()

@@ -542,12 +542,43 @@ def claim_checkpoints(folder: Path, fingerprint: dict) -> None:
     write_json(stamp, fingerprint)
 
 
+def checkpoint_problems(path: Path) -> list[str]:
+    """Why a Trainer checkpoint cannot be resumed from (empty: it is whole): trainer_state.json
+    must parse, every safetensors file must hold the tensors its header lists, and every torch
+    file (optimizer, scheduler, RNG state) must be a whole zip archive."""
+    import zipfile
+
+    from snaketune.model import damaged_weights
+
+    problems = []
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(f"trainer_state.json: {exc}")
+    problems += [p.removeprefix(f"{path}/") for p in damaged_weights(path)]
+    for f in sorted(path.rglob("*.pt")) + sorted(path.rglob("*.pth")):
+        if not zipfile.is_zipfile(f):
+            problems.append(f"{f.relative_to(path)}: truncated or not a torch file")
+    return problems
+
+
 def latest_checkpoint(folder: Path) -> str | None:
-    """The newest complete Trainer checkpoint under ``folder`` (has trainer_state.json)."""
+    """The newest whole Trainer checkpoint under ``folder``. A newer one that is broken (a kill or
+    a full disk while it was written) is renamed ``broken-checkpoint-N`` with a warning, and the
+    previous one is used."""
     if not folder.is_dir():
         return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+    for path in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        problems = checkpoint_problems(path)
+        if not problems:
+            return str(path)
+        if int(os.environ.get("RANK", "0")) == 0:
+            aside = path.with_name("broken-" + path.name)
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            print(f"warning: checkpoint {path} is broken ({'; '.join(problems[:3])}); set aside as {aside.name}, "
+                  "resuming from the one before it", file=sys.stderr, flush=True)
+    return None
 
 
 def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str | None = None, run=None,
