@@ -105,3 +105,56 @@ def test_concurrent_first_runs_share_a_fresh_sqlite_store(tmp_path):
     errors = [p.communicate(timeout=300)[1].decode()[-1500:] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     assert sorted(r.data.params["i"] for r in _runs(uri, "race")) == ["0", "1", "2", "3"]
+
+
+def _lock_store(db):
+    """Another writer holding the SQLite store's lock (until ``.rollback()``)."""
+    import sqlite3
+
+    lock = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    lock.execute("BEGIN EXCLUSIVE")
+    return lock
+
+
+def test_a_locked_store_neither_stops_nor_slows_the_step(tmp_path, monkeypatch):
+    """Another writer holds the store's lock for 8 s: the step's own code is not held up, and its
+    run arrives complete (FINISHED, every metric) once the lock is released."""
+    import threading
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("SNAKETUNE_TRACKING", json.dumps({"uri": uri, "experiment": "exp"}))
+    with step_run("data", {}):
+        pass  # the store exists
+    lock = _lock_store(tmp_path / "m.db")
+    threading.Timer(8, lock.rollback).start()
+    t0 = time.time()
+    with step_run("train", {"learning_rate": 1e-4}) as run:
+        for i in range(3):
+            run.log_metrics({"loss": float(i)}, step=i)
+        inside = time.time() - t0
+    assert inside < 2, inside
+    [r] = [r for r in _runs(uri, "exp") if r.data.tags["snaketune.step"] == "train"]
+    assert r.info.status == "FINISHED" and r.data.params == {"learning_rate": "0.0001"}
+    import mlflow
+
+    assert [m.value for m in mlflow.MlflowClient(uri).get_metric_history(r.info.run_id, "loss")] == [0.0, 1.0, 2.0]
+
+
+def test_a_store_locked_past_the_step_keeps_its_calls_in_a_file(tmp_path, monkeypatch, capfd):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("SNAKETUNE_TRACKING", json.dumps({"uri": uri, "experiment": "exp"}))
+    monkeypatch.setenv("SNAKETUNE_TRACKING_WAIT", "3")
+    with step_run("data", {}):
+        pass
+    lock = _lock_store(tmp_path / "m.db")
+    try:
+        with step_run("train", {"learning_rate": 1e-4}) as run:
+            run.log_metrics({"loss": 1.5}, step=7)
+    finally:
+        lock.rollback()
+    err = capfd.readouterr().err
+    assert "logging calls of this step are not in the store" in err and "outputs are complete" in err
+    [pending] = list((tmp_path / "mlflow-pending").glob("train-*.json"))
+    calls = json.loads(pending.read_text())["calls"]
+    assert {"kind": "metrics", "args": [{"loss": 1.5}, 7, calls[1]["args"][2]]} in calls or \
+        any(c["kind"] == "metrics" and c["args"][0] == {"loss": 1.5} for c in calls)

@@ -14,6 +14,8 @@ import fcntl
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,27 +50,124 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 class StepRun:
-    """Thin handle over an active MLflow run."""
+    """Handle of one step's MLflow run. Every call is queued and done by a background thread
+    (``_Tracker``), so a slow, locked or unreachable store never holds up or fails the step."""
 
-    def __init__(self, mlflow, run):
-        self._mlflow = mlflow
-        self.run = run
-        self.run_id = run.info.run_id
+    def __init__(self, tracker: "_Tracker"):
+        self._tracker = tracker
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if clean:
-            self._mlflow.log_metrics(clean, step=step)
+            self._tracker.submit("metrics", clean, step or 0, int(time.time() * 1000))
 
     def log_params(self, params: dict) -> None:
-        self._mlflow.log_params(flatten(params))
+        self._tracker.submit("params", flatten(params))
 
     def set_tags(self, tags: dict) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self._tracker.submit("tags", {k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        if Path(path).exists():
-            self._mlflow.log_artifact(str(path), artifact_path)
+        """Log a small file as it is now (a copy is queued, so later changes of it do not count)."""
+        if Path(path).is_file():
+            copy = Path(tempfile.mkdtemp(prefix="snaketune-artifact-")) / Path(path).name
+            shutil.copy2(path, copy)
+            self._tracker.submit("artifact", str(copy), artifact_path)
+
+
+class _Tracker:
+    """Does the MLflow calls of one run in order in a background thread and retries a failed one
+    (backing off to 10 s) until it succeeds. ``close`` waits for the queue to drain for at most
+    ``SNAKETUNE_TRACKING_WAIT`` seconds (default 120); what is still undone then is written to
+    ``mlflow-pending/`` beside the store with a warning, and the step ends as it would have."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict):
+        import queue
+        import threading
+
+        self.uri, self.experiment, self.run_name, self.tags = uri, experiment, run_name, tags
+        self.run_id: str | None = None
+        self.client = None
+        self.queue: queue.Queue = queue.Queue()
+        self.current = None
+        self.abandoned = False
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._loop, name="mlflow", daemon=True)
+        self.thread.start()
+
+    def submit(self, kind: str, *args) -> None:
+        self.queue.put((kind, args))
+
+    def _do(self, kind: str, args: tuple) -> None:
+        import mlflow
+        from mlflow.entities import Metric, Param, RunTag
+
+        if self.client is None:
+            with _store_lock(self.uri):  # first contact creates or migrates the schema: one process at a time
+                _setup(mlflow, self.uri, self.experiment)
+                self.client = mlflow.MlflowClient(self.uri)
+        client = self.client
+        if self.run_id is None:
+            exp = client.get_experiment_by_name(self.experiment)
+            self.run_id = client.create_run(exp.experiment_id, tags=self.tags, run_name=self.run_name).info.run_id
+        if kind == "metrics":
+            metrics, step, ts = args
+            client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
+        elif kind == "params":
+            client.log_batch(self.run_id, params=[Param(k, v) for k, v in args[0].items()])
+        elif kind == "tags":
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in args[0].items()])
+        elif kind == "artifact":
+            client.log_artifact(self.run_id, args[0], args[1])
+            shutil.rmtree(Path(args[0]).parent, ignore_errors=True)
+        elif kind == "end":
+            client.set_terminated(self.run_id, args[0])
+
+    def _loop(self) -> None:
+        import sys
+
+        while True:
+            item = self.queue.get()
+            if item is None or self.abandoned:
+                return
+            self.current, delay = item, 0.5
+            while not self.abandoned:
+                try:
+                    self._do(*item)
+                    break
+                except Exception as exc:  # a locked or unreachable store: try again later
+                    if self.error is None:
+                        print(f"warning: MLflow ({self.uri}) did not take a logging call ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); retrying in the background, the step goes on",
+                              file=sys.stderr, flush=True)
+                    self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    time.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+            self.current = None
+
+    def close(self, status: str) -> None:
+        import sys
+
+        self.submit("end", status)
+        self.queue.put(None)
+        self.thread.join(float(os.environ.get("SNAKETUNE_TRACKING_WAIT", "120")))
+        if not self.thread.is_alive():
+            return
+        self.abandoned = True
+        left = [self.current] if self.current else []
+        while not self.queue.empty():
+            item = self.queue.get()
+            if item is not None:
+                left.append(item)
+        folder = (Path(self.uri[len("sqlite:///"):]).parent if self.uri.startswith("sqlite:///") else Path.cwd())
+        path = folder / "mlflow-pending" / f"{self.run_name.replace('/', '_')}-{os.getpid()}-{int(time.time())}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
+                                    "tags": self.tags, "run_id": self.run_id, "error": self.error,
+                                    "calls": [{"kind": k, "args": list(a)} for k, a in left]}, indent=1) + "\n")
+        print(f"warning: MLflow ({self.uri}) still fails ({self.error}): {len(left)} logging calls of this step are "
+              f"not in the store; they are kept in {path}. The step's outputs are complete.", file=sys.stderr,
+              flush=True)
 
 
 class NullRun:
@@ -140,8 +239,6 @@ def step_run(step: str, params: dict, run_name: str | None = None):
         return
     for name in ("alembic", "mlflow", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    import mlflow
-
     ctx = _context()
     uri = resolve_uri(ctx.get("uri"))
     experiment = ctx.get("experiment") or "snaketune"
@@ -152,12 +249,13 @@ def step_run(step: str, params: dict, run_name: str | None = None):
         tags.update({"snakemake.job": job, "snakemake.rule": rule, "snakemake.wildcards": wildcards.rstrip("]")})
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
-    with _store_lock(uri):
-        _setup(mlflow, uri, experiment)
-    start = time.time()
-    with mlflow.start_run(run_name=run_name or tags.get("snaketune.job") or step) as run:
-        handle = StepRun(mlflow, run)
-        handle.set_tags(tags)
-        handle.log_params(params)
+    tracker = _Tracker(uri, experiment, run_name or tags.get("snaketune.job") or step, tags)
+    handle = StepRun(tracker)
+    handle.log_params(params)
+    start, status = time.time(), "FAILED"
+    try:
         yield handle
         handle.log_metrics({"duration_s": time.time() - start})
+        status = "FINISHED"
+    finally:
+        tracker.close(status)
