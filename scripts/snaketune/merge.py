@@ -3,6 +3,11 @@
 The merged weights are saved as safetensors in the base model's dtype together with the
 tokenizer; ``merge.json`` records the max absolute logit difference between base+adapter and the
 merged model on a few chat prompts, so a bad merge is visible in the artifact itself.
+
+A QLoRA adapter learnt against 4-bit weights: it is merged into those weights dequantized (not
+into the full-precision base, which is another model), and the merged model is checked against
+the model as trained (4-bit base + adapter); the step fails when the logits differ by more than
+``QLORA_TOLERANCE`` times the largest logit.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune.model import check_weights
 
+QLORA_TOLERANCE = 2e-3
 CHECK_PROMPTS = ["What is 2+3?", "Hello, who are you?", "Write one word."]
 
 
@@ -30,25 +36,54 @@ def merge(base: str, adapter: str, out: str) -> dict:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     training = Path(adapter) / "training.json"
-    quantized = json.loads(training.read_text()).get("base_quantization") if training.is_file() else None
+    trained = json.loads(training.read_text()) if training.is_file() else {}
+    quantized = trained.get("base_quantization")
     check_weights(base, "merge")
     check_weights(adapter, "merge")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    if quantized:
-        print(f"QLoRA adapter (trained on a {quantized.get('bits', 4)}-bit base): merging into the unquantized "
-              f"{str(model.dtype).replace('torch.', '')} base weights, not into the quantized weights", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    peft_model = PeftModel.from_pretrained(model, adapter)
-    peft_model.eval()
     enc = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                          return_tensors="pt", return_dict=True) for p in CHECK_PROMPTS]
+    if quantized:
+        # QLoRA: the adapter learnt against the 4-bit weights, so it is merged into those weights
+        # dequantized, and the result is checked against the model as trained (4-bit base + adapter)
+        from snaketune.train import qlora_config
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained.get("dtype"), torch.float32)
+        device = "cuda" if torch.cuda.is_available() else None
+        load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+            base, dtype=dtype, device_map=device, quantization_config=qlora_config(quantized, dtype))
+        as_trained = PeftModel.from_pretrained(load(), adapter).eval()
+        as_trained.enable_input_require_grads()  # as in training: bitsandbytes' training matmul, which also
+        with torch.enable_grad():                # takes widths its inference kernels refuse on CPU
+            reference = [as_trained(**e.to(as_trained.device)).logits.detach().float().cpu() for e in enc]
+        del as_trained
+        model = load()
+        model.dequantize()
+        print(f"QLoRA adapter (trained on a {quantized.get('bits', 4)}-bit base): merged into the dequantized "
+              f"{quantized.get('bits', 4)}-bit weights, checked against the 4-bit base + adapter", flush=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    peft_model = PeftModel.from_pretrained(model, adapter)
+    peft_model.eval()
     with torch.no_grad():
-        before = [peft_model(**e).logits for e in enc]
+        before = [peft_model(**e.to(peft_model.device)).logits.float().cpu() for e in enc]
         merged = peft_model.merge_and_unload()
-        after = [merged(**e).logits for e in enc]
+        after = [merged(**e.to(merged.device)).logits.float().cpu() for e in enc]
     diff = max((a - b).abs().max().item() for a, b in zip(after, before))
+    extra = {}
+    if quantized:
+        vs_trained = max((a - b).abs().max().item() for a, b in zip(after, reference))
+        scale = max(1.0, max(r.abs().max().item() for r in reference))
+        extra = {"max_logit_diff_vs_dequantized_base": diff, "max_logit_diff_vs_as_trained": vs_trained,
+                 "qlora_tolerance": QLORA_TOLERANCE * scale}
+        diff = vs_trained
+        if vs_trained > QLORA_TOLERANCE * scale:
+            raise SnaketuneError(
+                f"merge: the merged model of QLoRA adapter {adapter} differs from the model as trained (its "
+                f"{quantized.get('bits', 4)}-bit base + adapter) by {vs_trained:.3g} in the logits, more than "
+                f"{QLORA_TOLERANCE:g} x {scale:.3g}; serve the adapter on its quantized base instead of merging")
     record = {"base": str(base), "adapter": str(adapter), "max_logit_diff": diff, "qlora_base": quantized,
-              "dtype": str(merged.dtype).replace("torch.", "")}
+              **extra, "dtype": str(merged.dtype).replace("torch.", "")}
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -157,6 +157,18 @@ def pick_dtype(recipe: dict, cuda: bool):
     return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def qlora_config(q: dict, dtype):
+    """bitsandbytes settings of a QLoRA base from the recipe's ``quantization`` block (as
+    training.json records it in ``base_quantization``): 4-bit NF4 with double quantization unless
+    it says otherwise."""
+    from transformers import BitsAndBytesConfig
+
+    bits = q.get("bits", 4)
+    return BitsAndBytesConfig(
+        load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type=q.get("quant_type", "nf4"),
+        bnb_4bit_use_double_quant=q.get("double_quant", True), bnb_4bit_compute_dtype=dtype)
+
+
 def load_model(base: str, recipe: dict, dtype, cuda: bool):
     """Load the base model: for full/freeze fp32 master weights (``master_weights: fp32``) or
     weights in ``dtype`` (``master_weights: dtype``, pure bf16 as torchtune does), the frozen base
@@ -172,15 +184,10 @@ def load_model(base: str, recipe: dict, dtype, cuda: bool):
     if recipe.get("train_type") != "qlora":
         return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
 
-    q = recipe.get("quantization", {})
-    bits = q.get("bits", 4)
-    config = BitsAndBytesConfig(
-        load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type=q.get("quant_type", "nf4"),
-        bnb_4bit_use_double_quant=q.get("double_quant", True), bnb_4bit_compute_dtype=dtype)
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if cuda else None
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=config, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map=device_map,
+                                                 quantization_config=qlora_config(recipe.get("quantization", {}), dtype))
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.get("gradient_checkpointing", False))
 
 
