@@ -335,28 +335,41 @@ RESOURCE_DEFAULTS = {
 def _optional_keys():
     """Resource keys some config block sets beyond the ones every job has (e.g. gpu_model)."""
     blocks = [config["resources"].get(k, {}) for k in ("gpu", "cpu")]
+    blocks += list(config["resources"].get("steps", {}).values())
     for section in ("models", "recipes", "quantize", "benches"):
         blocks += [b.get("resources", {}) for b in config.get(section, {}).values()]
     return sorted({k for b in blocks for k in b} - {"gpu", "nodes", "mem_mb", "runtime", "threads"})
 
 
-def job_resources(kind, section=None, wildcard=None):
-    """Per-job resources: the step's own resources block > config.resources.<kind> > defaults.
+def folder_mb(path):
+    """Megabytes of the files under ``path`` (0 while it does not exist yet)."""
+    folder = Path(path)
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6 if folder.is_dir() else 0
+
+
+def job_resources(kind, rule, section=None, wildcard=None, model_input=None):
+    """Per-job resources: the job's config block (``<section>.<name>.resources``) >
+    ``resources.steps.<rule>`` > ``resources.<kind>`` > defaults.
 
     ``kind`` is "gpu" for steps that want an accelerator (train, quantize, evaluate) and "cpu"
     otherwise; ``section``/``wildcard`` name the config block of the job (e.g. recipes/recipe).
+    With ``model_input`` (the input holding a model folder) and no ``mem_mb`` set for the step,
+    memory is sized from the model: three times its files (weights loaded, merged copy, save
+    buffers) plus 2 GB.
     """
 
-    def resolve(wildcards):
-        merged = {**RESOURCE_DEFAULTS[kind], **config["resources"].get(kind, {})}
-        if section:
-            merged.update(config[section][wildcards[wildcard]].get("resources", {}))
+    def resolve(wildcards, input):
+        step = config["resources"].get("steps", {}).get(rule, {})
+        block = config[section][wildcards[wildcard]].get("resources", {}) if section else {}
+        merged = {**RESOURCE_DEFAULTS[kind], **config["resources"].get(kind, {}), **step, **block}
+        if model_input and "mem_mb" not in step and "mem_mb" not in block:
+            merged["mem_mb"] = max(merged["mem_mb"], int(3 * folder_mb(input[model_input])) + 2000)
         if not merged["gpu"]:
             merged.pop("gpu_model", None)  # the Slurm plugin would ask for --gpus=<model>:0
         return merged
 
     keys = [*RESOURCE_DEFAULTS[kind], *_optional_keys()]
-    return {key: (lambda wildcards, key=key: resolve(wildcards).get(key, "")) for key in keys}
+    return {key: (lambda wildcards, input, key=key: resolve(wildcards, input).get(key, "")) for key in keys}
 
 
 EVAL_MODULES = {"transformers": "evaluate", "evalscope": "evalscope_eval"}

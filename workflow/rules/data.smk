@@ -7,7 +7,7 @@ rule prepare_data:
         job=job_label("prepare_data"),
         spec=lambda wc: params_json(with_seed(config["datasets"][wc.dataset])),
     resources:
-        **job_resources("cpu"),
+        **job_resources("cpu", "prepare_data"),
     log:
         f"{RESULTS}/logs/datasets/{{dataset}}.log",
     benchmark:

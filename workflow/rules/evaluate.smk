@@ -11,7 +11,7 @@ rule evaluate:
         module=lambda wc: EVAL_MODULES[config["benches"][wc.bench]["engine"]],
         spec=lambda wc: params_json({"name": wc.bench, **config["benches"][wc.bench]}),
     resources:
-        **job_resources("gpu", "benches", "bench"),
+        **job_resources("gpu", "evaluate", "benches", "bench"),
     log:
         f"{RESULTS}/logs/{{model}}/{{variant}}/eval/{{bench}}.log",
     benchmark:

@@ -9,7 +9,7 @@ rule merge_adapter:
     params:
         job=job_label("merge_adapter"),
     resources:
-        **job_resources("cpu"),
+        **job_resources("cpu", "merge_adapter", model_input="base"),
     log:
         f"{RESULTS}/logs/{{model}}/{{recipe}}/merge.log",
     benchmark:

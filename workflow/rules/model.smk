@@ -7,7 +7,7 @@ rule fetch_model:
         job=job_label("fetch_model"),
         spec=lambda wc: params_json(with_seed(config["models"][wc.model])),
     resources:
-        **job_resources("cpu", "models", "model"),
+        **job_resources("cpu", "fetch_model", "models", "model"),
     log:
         f"{RESULTS}/logs/{{model}}/fetch_model.log",
     benchmark:

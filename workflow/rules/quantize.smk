@@ -8,7 +8,7 @@ rule quantize:
         job=job_label("quantize"),
         spec=lambda wc: params_json(with_seed(config["quantize"][wc.quant])),
     resources:
-        **job_resources("gpu", "quantize", "quant"),
+        **job_resources("gpu", "quantize", "quantize", "quant"),
     log:
         f"{RESULTS}/logs/{{model}}/{{stem}}/{{quant}}/quantize.log",
     benchmark:

@@ -41,7 +41,7 @@ rule plots:
         results=lambda wc, input: os.path.dirname(input.summary),
         out=lambda wc, output: os.path.dirname(output.numbers),
     resources:
-        **job_resources("cpu"),
+        **job_resources("cpu", "plots"),
     log:
         f"{RESULTS}/logs/plots.log",
     benchmark:
@@ -75,7 +75,7 @@ rule bundle:
         results=lambda wc, input: os.path.dirname(input.summary),
         weights="--include-weights" if config["reproduce"]["include_weights"] else "",
     resources:
-        **job_resources("cpu"),
+        **job_resources("cpu", "bundle"),
     log:
         f"{RESULTS}/logs/bundle.log",
     benchmark:

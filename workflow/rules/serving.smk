@@ -10,7 +10,7 @@ rule serving_bench:
         spec=lambda wc: params_json({**config["serving"], "engine": wc.engine}),
         job=job_label("serving_bench"),
     resources:
-        **job_resources("gpu"),
+        **job_resources("gpu", "serving_bench"),
     log:
         f"{RESULTS}/logs/{{model}}/{{variant}}/serving/{{engine}}.log",
     benchmark:

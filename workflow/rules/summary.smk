@@ -8,7 +8,7 @@ rule summary:
     params:
         job=job_label("summary"),
     resources:
-        **job_resources("cpu"),
+        **job_resources("cpu", "summary"),
     log:
         f"{RESULTS}/logs/summary.log",
     benchmark:

@@ -18,7 +18,7 @@ rule train_full:
         module=lambda wc: "align" if config["recipes"][wc.recipe]["stage"] in ALIGN_STAGES else "train",
     threads: 1
     resources:
-        **job_resources("gpu", "recipes", "recipe"),
+        **job_resources("gpu", "train_full", "recipes", "recipe"),
     log:
         f"{RESULTS}/logs/{{model}}/{{recipe}}/train.log",
     benchmark:
@@ -46,7 +46,7 @@ rule train_adapter:
         module=lambda wc: "align" if config["recipes"][wc.recipe]["stage"] in ALIGN_STAGES else "train",
     threads: 1
     resources:
-        **job_resources("gpu", "recipes", "recipe"),
+        **job_resources("gpu", "train_adapter", "recipes", "recipe"),
     log:
         f"{RESULTS}/logs/{{model}}/{{recipe}}/train.log",
     benchmark:
