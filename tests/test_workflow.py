@@ -110,3 +110,17 @@ def test_changing_one_recipe_reruns_only_its_dependants(default_study, tmp_path)
     training = json.loads((work / f"results/{MODEL}/sft-lora/adapter/training.json").read_text())
     assert training["steps"] == 100 and training["resumed_from"] is None, training["resumed_from"]
     assert adapter.read_bytes() != old_adapter
+
+
+def test_an_artifact_gone_after_a_failed_forced_rerun_is_rebuilt(default_study, tmp_path):
+    """A failed `--forcerun merge_adapter` deletes the merged model; the eval JSON made from it is
+    still there. The plain command must rebuild the model (it is a target of `all`), not say
+    'Nothing to be done'."""
+    import shutil
+
+    work = copy_study(default_study[0], tmp_path / "study")
+    shutil.rmtree(work / f"results/{MODEL}/sft-lora/model")
+    result = snakemake(work, "-n")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "Nothing to be done" not in out and "merge_adapter" in out

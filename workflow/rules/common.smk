@@ -5,6 +5,7 @@ import os
 import shlex
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
@@ -275,6 +276,21 @@ def merge_base(wildcards):
 def eval_model(wildcards):
     stem, _, quant = wildcards.variant.partition("/")
     return f"{RESULTS}/{wildcards.model}/{stem}/{quant}/model" if quant else model_dir(wildcards.model, stem)
+
+
+def artifact_targets():
+    """The model folder of every evaluated variant (and the adapter of each adapter recipe): targets
+    of `all`, so an artifact that is gone (a failed forced rerun deletes its job's output) is
+    rebuilt even when the eval JSON made from it is still there."""
+    models = config["evaluation"].get("models") or list(config["models"])
+    targets = set()
+    for m in models:
+        for variant in config["evaluation"]["variants"]:
+            stem = variant.partition("/")[0]
+            targets.add(eval_model(SimpleNamespace(model=m, variant=variant)))
+            if stem != "base" and is_adapter(stem):
+                targets.add(f"{RESULTS}/{m}/{stem}/adapter")
+    return sorted(targets)
 
 
 def bench_data(wildcards):
