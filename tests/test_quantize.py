@@ -150,6 +150,16 @@ def test_group_size_must_divide_widths(tmp_path, workdir):
     assert not (tmp_path / "q").exists()
 
 
+def test_bnb_nf4_on_cpu_names_the_layers_its_kernels_cannot_run(tmp_path):
+    """Widths of 96 (not a multiple of 64) quantized fine and then failed at the first generated
+    token in bitsandbytes' CPU path; now quantize says so, naming the layers."""
+    fetch({"source": "tiny", "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "num_key_value_heads": 2}, tmp_path / "tiny96")
+    with pytest.raises(SnaketuneError, match=r"multiple of 64; \d+ are not: model\.layers\.0\.self_attn\.q_proj \(96\)"):
+        quantize(str(tmp_path / "tiny96"), None, {"method": "bnb-nf4"}, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
 def test_unknown_method(tmp_path, workdir):
     with pytest.raises(SnaketuneError, match="unknown quantize method"):
         quantize(str(workdir / "base"), str(workdir / "data"), {"method": "int3"}, tmp_path / "q")

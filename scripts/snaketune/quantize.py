@@ -34,6 +34,7 @@ from snaketune.model import check_weights
 
 LLMC_METHODS = ("fp8", "gptq", "awq")
 BNB_METHODS = ("bnb-nf4", "bnb-int8")
+NF4_CPU_BLOCK = 64  # input-width granularity of bitsandbytes' 4-bit CPU kernels
 METHODS = LLMC_METHODS + BNB_METHODS
 CALIBRATED = ("gptq", "awq")  # the methods that calibrate on chat rows of the dataset's train.jsonl
 DEFAULT_CALIBRATION = {"samples": 64, "seed": 0, "max_length": 256}
@@ -228,6 +229,16 @@ def quantize_bnb(model_dir: str, method: str, params: dict, out: Path) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qconfig, device_map=device)
+    if method == "bnb-nf4" and device == "cpu":
+        # bitsandbytes' CPU inference kernels read the 4-bit weights in blocks of 64 input columns
+        # and fail at the first generated token on other widths ("shape '[96, 1]' is invalid ...")
+        odd = [f"{name} ({m.in_features})" for name, m in model.named_modules()
+               if isinstance(m, bitsandbytes.nn.Linear4bit) and m.in_features % NF4_CPU_BLOCK]
+        if odd:
+            raise SnaketuneError(
+                f"bnb-nf4 on CPU: bitsandbytes' CPU kernels need every quantized layer's input width to be a "
+                f"multiple of {NF4_CPU_BLOCK}; {len(odd)} are not: {', '.join(odd[:6])}{' ...' if len(odd) > 6 else ''}. "
+                "Quantize this model with fp8, gptq or awq on CPU, or run bnb-nf4 on a GPU")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
