@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +96,27 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_one_before(broken, tiny_mo
     a, b = load_file(ref / "adapter_model.safetensors"), load_file(tmp_path / "out/adapter_model.safetensors")
     for key in a:
         assert (a[key] - b[key]).abs().max().item() < 1e-5, key
+
+
+def test_a_checkpoint_is_checked_as_it_is_written(tiny_model, tiny_data, tmp_path, capfd, monkeypatch):
+    """A save that leaves a broken checkpoint (here: its weights cut short as a full disk would) is
+    set aside right after it is written, with a warning; the run goes on and ends normally."""
+    from transformers import Trainer
+
+    save = Trainer._save_checkpoint
+
+    def short_save(self, model, trial):
+        save(self, model, trial)
+        if self.state.global_step == 8:
+            f = Path(self.args.output_dir) / "checkpoint-8" / "adapter_model.safetensors"
+            f.write_bytes(f.read_bytes()[:100])
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", short_save)
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 12, "save_steps": 4}
+    train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"))
+    err = capfd.readouterr().err
+    assert "checkpoint-8 is broken (adapter_model.safetensors" in err and "training goes on" in err
+    assert (tmp_path / "ckpt/broken-checkpoint-8").is_dir() and (tmp_path / "out/adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGKILL], ids=lambda s: s.name)

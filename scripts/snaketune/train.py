@@ -481,6 +481,12 @@ def make_callback(run, preempted: Preempted, total_steps: int, tokens=None):
             if state.global_step >= state.max_steps or control.should_training_stop:
                 self._mark("end", state)
 
+        def on_save(self, args, state, control, **kw):
+            """Check the checkpoint just written; a broken one is set aside at once (with a
+            warning), so that neither a resume nor the Trainer's rotation takes it for a good one."""
+            if int(os.environ.get("RANK", "0")) == 0:
+                set_aside_if_broken(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
             now, seen = time.perf_counter(), count(state)
@@ -576,16 +582,24 @@ def latest_checkpoint(folder: Path) -> str | None:
     if not folder.is_dir():
         return None
     for path in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True):
-        problems = checkpoint_problems(path)
-        if not problems:
-            return str(path)
         if int(os.environ.get("RANK", "0")) == 0:
-            aside = path.with_name("broken-" + path.name)
-            shutil.rmtree(aside, ignore_errors=True)
-            path.rename(aside)
-            print(f"warning: checkpoint {path} is broken ({'; '.join(problems[:3])}); set aside as {aside.name}, "
-                  "resuming from the one before it", file=sys.stderr, flush=True)
+            if not set_aside_if_broken(path, "resuming from the one before it"):
+                return str(path)
+        elif not checkpoint_problems(path):
+            return str(path)
     return None
+
+
+def set_aside_if_broken(path: Path, then: str = "training goes on") -> bool:
+    """Rename a broken checkpoint ``broken-checkpoint-N`` with a warning; True if it was broken."""
+    problems = checkpoint_problems(path) if path.is_dir() else []
+    if problems:
+        aside = path.with_name("broken-" + path.name)
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+        print(f"warning: checkpoint {path} is broken ({'; '.join(problems[:3])}); set aside as {aside.name}, {then}",
+              file=sys.stderr, flush=True)
+    return bool(problems)
 
 
 def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str | None = None, run=None,
