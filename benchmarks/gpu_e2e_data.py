@@ -16,14 +16,7 @@ import math
 import random
 from pathlib import Path
 
-WORDS = (
-    "the of and to in is you that it he was for on are as with his they at be this from have "
-    "or by one had not but what all were when we there can an your which their said if do will "
-    "each about how up out them then she many some so these would other into has more two like "
-    "him see time could no make than first been its who now people my made over did down only way "
-    "find use may water long little very after words called just where most know answer question "
-    "sum plus minus add number result assistant user system helpful correct wrong"
-).split()
+from snaketune.model import CORPUS_WORDS as WORDS  # the tiny tokenizer's words
 
 
 def rows(n: int, seed: int, shortest: int = 40, longest: int = 2000) -> list[dict]:

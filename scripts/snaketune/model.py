@@ -25,6 +25,15 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# common English words of the tiny tokenizer's corpus (and of synthetic chat text elsewhere)
+CORPUS_WORDS = (
+    "the of and to in is you that it he was for on are as with his they at be this from have "
+    "or by one had not but what all were when we there can an your which their said if do will "
+    "each about how up out them then she many some so these would other into has more two like "
+    "him see time could no make than first been its who now people my made over did down only way "
+    "find use may water long little very after words called just where most know answer question "
+    "sum plus minus add number result assistant user system helpful correct wrong"
+).split()
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja"]
 
 
@@ -83,14 +92,7 @@ def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
     import random
 
     rng = random.Random(seed)
-    words = (
-        "the of and to in is you that it he was for on are as with his they at be this from have "
-        "or by one had not but what all were when we there can an your which their said if do will "
-        "each about how up out them then she many some so these would other into has more two like "
-        "him see time could no make than first been its who now people my made over did down only way "
-        "find use may water long little very after words called just where most know answer question "
-        "sum plus minus add number result assistant user system helpful correct wrong"
-    ).split()
+    words = CORPUS_WORDS
     lines = []
     for _ in range(n):
         a, b = rng.randrange(1000), rng.randrange(1000)
