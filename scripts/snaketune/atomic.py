@@ -1,5 +1,7 @@
 """Atomic outputs: a step writes into a hidden temporary sibling and renames it into place
-only when complete, so a killed job never leaves an artifact that looks finished."""
+only when complete, so a killed job never leaves an artifact that looks finished. Outputs get the
+modes a plain ``open``/``mkdir`` gives (0644/0755 under the usual umask), not the private ones of
+``tempfile`` (0600/0700)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
@@ -17,6 +22,7 @@ def atomic_dir(path: str | os.PathLike):
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         if final.exists():
@@ -33,6 +39,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w"):
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh

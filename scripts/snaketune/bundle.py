@@ -490,7 +490,6 @@ def pack(config: dict, repo: Path, out: Path, results: Path = Path("results"), i
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(out, "wb") as fh:
             write_tar(top, fh)
-        os.chmod(out, 0o644)  # a file to hand on (mkstemp makes it private)
         return {"bundle": str(out), "bytes": out.stat().st_size, "files": len(manifest), "copied": copied,
                 "weights_left_out": weights_left, "metrics": len(metrics), "mlflow_runs": len(runs["runs"]),
                 "commit": git["commit"], "dirty": git["dirty"]}
