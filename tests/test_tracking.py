@@ -41,13 +41,53 @@ def test_step_run_logs_params_metrics_tags_and_artifacts(tmp_path, monkeypatch):
     assert [a.path for a in mlflow.MlflowClient(uri).list_artifacts(r.info.run_id)] == ["note.json"]
 
 
-def test_failed_step_ends_its_run_failed(tmp_path, monkeypatch):
+def test_failed_step_ends_its_run_failed_with_the_error(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/m.db"
     monkeypatch.setenv("SNAKETUNE_TRACKING", json.dumps({"uri": uri, "experiment": "exp"}))
     with pytest.raises(RuntimeError):
-        with step_run("train", {}):
-            raise RuntimeError("boom")
-    assert _runs(uri, "exp")[0].info.status == "FAILED"
+        with step_run("evaluate", {}):
+            raise RuntimeError("shape '[96, 1]' is invalid for input of size 144\n  more detail")
+    [r] = _runs(uri, "exp")
+    assert r.info.status == "FAILED"
+    assert r.data.tags["error"] == "RuntimeError: shape '[96, 1]' is invalid for input of size 144"
+
+
+# (step, SNAKETUNE_JOB as the workflow sets it) -> run name
+JOBS = {
+    ("data", "prepare_data[dataset=arith]"): "data arith",
+    ("model", "fetch_model[model=tiny-qwen2]"): "model tiny-qwen2",
+    ("train", "train_full[model=tiny-qwen2,recipe=pt]"): "train pt",
+    ("train", "train_adapter[model=tiny-qwen2,recipe=sft-lora]"): "train sft-lora",
+    ("align", "train_adapter[model=tiny-qwen2,recipe=dpo-lora]"): "align dpo-lora",
+    ("merge", "merge_adapter[model=tiny-qwen2,recipe=sft-lora]"): "merge sft-lora",
+    ("quantize", "quantize[model=tiny-qwen2,stem=sft-lora,quant=fp8]"): "quantize sft-lora/fp8",
+    ("evaluate", "evaluate[model=tiny-qwen2,variant=sft-lora,bench=arith]"): "evaluate sft-lora · arith",
+    ("evaluate", "evaluate[model=tiny-qwen2,variant=sft-lora/fp8,bench=arith]"): "evaluate sft-lora/fp8 · arith",
+    ("evalscope_eval", "evaluate[model=tiny-qwen2,variant=sft-lora/fp8,bench=gsm8k]"): "evaluate sft-lora/fp8 · gsm8k",
+    ("serving_bench", "serving_bench[model=tiny-qwen2,variant=sft-lora,engine=vllm]"): "serve sft-lora · vllm",
+    ("summary", "summary[]"): "summary",
+}
+
+
+@pytest.mark.parametrize("models", [1, 2])
+def test_runs_are_named_after_their_job(models, tmp_path, monkeypatch):
+    """Each job's run has its own name: the verb, the variant path and the bench; with several
+    models in the study the model leads the path (``train tiny-qwen2/sft-lora``)."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("SNAKETUNE_TRACKING", json.dumps({"uri": uri, "experiment": "exp", "models": models}))
+    for step, job in JOBS:
+        monkeypatch.setenv("SNAKETUNE_JOB", job)
+        with step_run(step, {}):
+            pass
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    names = mlflow.search_runs(experiment_names=["exp"])["tags.mlflow.runName"].tolist()
+    expected = [name if models == 1 or name.split()[0] in ("data", "model", "summary")
+                else name.replace(" ", " tiny-qwen2/", 1) for name in JOBS.values()]
+    assert sorted(names) == sorted(expected) and len(set(names)) == len(names)
+    if models == 2:
+        assert "evaluate tiny-qwen2/sft-lora/fp8 · arith" in names
 
 
 def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):

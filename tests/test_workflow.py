@@ -79,6 +79,9 @@ def test_one_mlflow_run_per_job_with_params_metrics_and_tags(default_study):
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.tags["git.commit"]
         assert "duration_s" in run.data.metrics
+    names = [r.info.run_name for r in runs]
+    assert len(set(names)) == len(names), names
+    assert {"train pt", "train sft-lora", "quantize sft-lora/fp8", "evaluate sft-lora/fp8 · arith"} <= set(names)
     train = next(r for r in runs if r.data.tags["snakemake.rule"] == "train_adapter")
     assert train.data.params["learning_rate"] == "0.002" and train.data.params["lora.r"] == "16"
     assert train.data.tags["snakemake.wildcards"] == f"model={MODEL},recipe=sft-lora"

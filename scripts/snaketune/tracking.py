@@ -1,9 +1,12 @@
 """MLflow tracking for one workflow step: one step invocation is one MLflow run.
 
 The workflow says where to log through the ``SNAKETUNE_TRACKING`` environment variable, a JSON
-object ``{"uri": ..., "experiment": ..., "tags": {...}}``, and names the job in ``SNAKETUNE_JOB``
-(``rule[wildcards]``). Without them, steps log to ``$MLFLOW_TRACKING_URI`` or to the embedded
-default ``sqlite:///results/mlflow.db``.
+object ``{"uri": ..., "experiment": ..., "tags": {...}, "models": N}``, and names the job in
+``SNAKETUNE_JOB`` (``rule[wildcards]``), from which the run is named (``train sft-lora``,
+``evaluate sft-lora/fp8 · arith``; the model leads the path when the study has several). Without
+them, steps log to ``$MLFLOW_TRACKING_URI`` or to the embedded default ``sqlite:///results/mlflow.db``,
+in a run named after the step. A failed step's run ends FAILED with the error's first line as tag
+``error``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -35,6 +39,28 @@ def resolve_uri(uri: str | None) -> str:
 def _context() -> dict:
     raw = os.environ.get("SNAKETUNE_TRACKING")
     return json.loads(raw) if raw else {}
+
+
+VERBS = {"evalscope_eval": "evaluate", "serving_bench": "serve"}  # step -> the verb of its run name
+SUFFIXES = ("bench", "engine")  # wildcards named after the path, behind " · "
+
+
+def run_name(step: str, job: str | None, several_models: bool = False) -> str:
+    """The MLflow run name of ``step`` run as Snakemake job ``job`` (``rule[k=v,...]``): the verb, the
+    variant path and the bench or engine, e.g. ``evaluate sft-lora/fp8 · arith``."""
+    labels = (job or "").partition("[")[2].rstrip("]")
+    wildcards = dict(part.split("=", 1) for part in labels.split(",") if "=" in part)
+    suffix = [wildcards.pop(k) for k in SUFFIXES if k in wildcards]
+    if "model" in wildcards and not several_models and len(wildcards) > 1:
+        del wildcards["model"]
+    name = " ".join(filter(None, [VERBS.get(step, step), "/".join(wildcards.values())]))
+    return " · ".join([name, *suffix])
+
+
+def error_line(exc: BaseException) -> str:
+    """What a failed run records: the exception's type and the first line of its message."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0].strip()[:500]}" if lines else type(exc).__name__
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -160,7 +186,8 @@ class _Tracker:
             if item is not None:
                 left.append(item)
         folder = (Path(self.uri[len("sqlite:///"):]).parent if self.uri.startswith("sqlite:///") else Path.cwd())
-        path = folder / "mlflow-pending" / f"{self.run_name.replace('/', '_')}-{os.getpid()}-{int(time.time())}.json"
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.run_name)
+        path = folder / "mlflow-pending" / f"{safe}-{os.getpid()}-{int(time.time())}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
                                     "tags": self.tags, "run_id": self.run_id, "error": self.error,
@@ -228,11 +255,12 @@ def _setup(mlflow, uri: str, experiment: str) -> None:
 
 
 @contextlib.contextmanager
-def step_run(step: str, params: dict, run_name: str | None = None):
+def step_run(step: str, params: dict):
     """Open an MLflow run for ``step`` with its resolved ``params``; yield a StepRun.
 
-    The run ends FAILED if the block raises, FINISHED otherwise. Duration is logged. In a
-    multi-process job (torchrun) only rank 0 logs; other ranks get a NullRun.
+    The run ends FAILED, tagged ``error`` with the error's first line, if the block raises, FINISHED
+    otherwise. Duration is logged. In a multi-process job (torchrun) only rank 0 logs; other ranks
+    get a NullRun.
     """
     if int(os.environ.get("RANK", "0")) != 0:
         yield NullRun()
@@ -249,7 +277,7 @@ def step_run(step: str, params: dict, run_name: str | None = None):
         tags.update({"snakemake.job": job, "snakemake.rule": rule, "snakemake.wildcards": wildcards.rstrip("]")})
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
-    tracker = _Tracker(uri, experiment, run_name or tags.get("snaketune.job") or step, tags)
+    tracker = _Tracker(uri, experiment, run_name(step, job, ctx.get("models", 1) > 1), tags)
     handle = StepRun(tracker)
     handle.log_params(params)
     start, status = time.time(), "FAILED"
@@ -257,5 +285,8 @@ def step_run(step: str, params: dict, run_name: str | None = None):
         yield handle
         handle.log_metrics({"duration_s": time.time() - start})
         status = "FINISHED"
+    except BaseException as exc:
+        handle.set_tags({"error": error_line(exc)})
+        raise
     finally:
         tracker.close(status)

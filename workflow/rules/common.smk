@@ -86,11 +86,12 @@ def _git_commit():
 
 GIT_COMMIT = _git_commit()
 
-# Where every step logs (read by snaketune.tracking); per-job tags come from each rule's params.
+# Where every step logs (read by snaketune.tracking); per-job tags come from each rule's params,
+# run names from them and the model count (the model is named only when there are several).
 # A shell prefix, not a rule param, so a new commit or study name reruns nothing.
 TRACKING = json.dumps(
     {"uri": config["tracking"]["uri"], "experiment": config["study"],
-     "tags": {"git.commit": GIT_COMMIT, "study": config["study"]}}
+     "tags": {"git.commit": GIT_COMMIT, "study": config["study"]}, "models": len(config["models"])}
 )
 _QUOTED = shlex.quote(TRACKING).replace("{", "{{").replace("}", "}}")
 # Rules call `python`: without --use-conda that must be the interpreter Snakemake runs under (the
