@@ -29,6 +29,7 @@ def test_every_step_leaves_its_artifact(default_study):
     assert (res / "sft-lora/adapter/adapter_config.json").is_file()
     assert json.loads((res / "sft-lora/model/merge.json").read_text())["max_logit_diff"] < 1e-3
     assert (res / "sft-lora/fp8/model/quantization.json").is_file()
+    assert len((res / "sft-lora/fp8/eval/arith.predictions.jsonl").read_text().splitlines()) == 200
     for name in ("train", "test", "pretrain", "preference", "kto"):
         assert (work / f"results/datasets/arith/{name}.jsonl").is_file()
     assert not list(work.glob("results/**/.*partial*")), "temporary output left behind"

@@ -44,7 +44,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from snaketune.atomic import write_json
 from snaketune.errors import SnaketuneError, cli
 
 DEFAULT_PYTHON = ".venv-evalscope/bin/python"
@@ -245,8 +244,10 @@ def evaluate(model_dir: str, data_dir: str | None, params: dict, log=sys.stderr)
                for name in OUR_METRICS}
     primary = ev_metrics.pop("_primary", None)
     score = metrics[metric] if metric in OUR_METRICS else ev_metrics.get(primary)
+    per_sample = METRICS.get(metric)  # None for EvalScope's metric: its per-sample values are in "scores"
     for s in samples:
         s["correct"] = bool(METRICS["exact_match"](s["prediction"] or "", str(s["reference"])))
+        s["score"] = float(per_sample(s["prediction"] or "", str(s["reference"]))) if per_sample else None
     version = subprocess.run([python, "-c", "import evalscope; print(evalscope.__version__)"],
                              capture_output=True, text=True).stdout.strip()
     record = {
@@ -262,10 +263,11 @@ def evaluate(model_dir: str, data_dir: str | None, params: dict, log=sys.stderr)
         "model_path": str(model_dir),
         "model_sha256": model_hash(model_dir),
         "seconds": round(time.time() - t0, 2),
-        "predictions": [{"subset": s["subset"], "prompt": s["prompt"], "reference": s["reference"],
-                         "prediction": s["prediction"], "correct": s["correct"]} for s in samples],
+        "examples": [{"subset": s["subset"], "prompt": s["prompt"], "reference": s["reference"],
+                      "prediction": s["prediction"], "correct": s["correct"]} for s in samples[:10]],
+        "predictions": [{k: s[k] for k in ("subset", "index", "prompt", "reference", "prediction", "score", "scores")}
+                        for s in samples],
     }
-    record["examples"] = record["predictions"][:10]
     return record
 
 
@@ -285,6 +287,7 @@ def main(argv=None):
     ap.add_argument("--data", help="dataset folder holding the benchmark split (workflow benches)")
     ap.add_argument("--params", default="{}", help="JSON: the bench block (+ via, serve, benchmark, ...)")
     ap.add_argument("--out", help="eval JSON to write")
+    ap.add_argument("--predictions", help="every sample as JSON lines (default: <out>.predictions.jsonl)")
     ap.add_argument("--variant", default="", help="variant label for the summary")
     ap.add_argument("--run-task", help=argparse.SUPPRESS)  # internal: runs inside EvalScope's venv
     args = ap.parse_args(argv)
@@ -296,12 +299,13 @@ def main(argv=None):
     if not (Path(args.model) / "config.json").is_file():
         raise SnaketuneError(f"--model {args.model} is not an HF model folder (no config.json)")
     params = json.loads(args.params)
+    from snaketune.evaluate import write_results
     from snaketune.tracking import step_run
 
     with step_run("evalscope_eval", params) as run:
         record = evaluate(args.model, args.data, params)
         record["variant"] = args.variant
-        write_json(args.out, record)
+        write_results(record, args.out, args.predictions)
         run.log_metrics({k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))
                          and ":" not in k} | {"n": record["n"], "eval_seconds": record["seconds"]})
         run.log_artifact(args.out)

@@ -3,6 +3,8 @@
 Engine ``transformers``: greedy generation in-process with the tokenizer's chat template, on the
 dataset folder's ``test.jsonl`` (the last assistant turn is the reference). Metrics:
 ``exact_match`` (stripped strings equal) and ``contains`` (reference appears in the output).
+The eval JSON keeps the first 10 samples (``examples``); every sample (prompt, reference,
+prediction, score) goes to the predictions file, ``<bench>.predictions.jsonl`` beside it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from snaketune.atomic import write_json
+from snaketune.atomic import atomic_file, write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune.model import check_weights, hash_tree
 
@@ -94,7 +96,22 @@ def evaluate(model_dir: str, data_dir: str, params: dict) -> dict:
         "seconds": round(time.time() - t0, 2),
         "examples": [{"prompt": c[0][-1]["content"], "reference": c[1], "prediction": p, "correct": h}
                      for c, p, h in list(zip(cases, preds, hits))[:10]],
+        "predictions": [{"index": i, "prompt": c[0][-1]["content"], "reference": c[1], "prediction": p,
+                         "score": float(h)} for i, (c, p, h) in enumerate(zip(cases, preds, hits))],
     }
+
+
+def predictions_path(out: str | Path) -> Path:
+    """Where every sample of the eval JSON ``out`` goes: ``<bench>.predictions.jsonl`` beside it."""
+    return Path(out).with_suffix(".predictions.jsonl")
+
+
+def write_results(record: dict, out: str | Path, predictions: str | Path | None = None) -> None:
+    """Write the record's samples (``predictions``) as JSON lines and the rest as the eval JSON, each atomically."""
+    with atomic_file(predictions or predictions_path(out)) as fh:
+        for sample in record["predictions"]:
+            fh.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    write_json(out, {k: v for k, v in record.items() if k != "predictions"})
 
 
 @cli
@@ -104,6 +121,7 @@ def main(argv=None):
     ap.add_argument("--data", required=True, help="dataset folder holding the benchmark split")
     ap.add_argument("--params", required=True, help="JSON: the evaluation.benches.<name> block")
     ap.add_argument("--out", required=True, help="eval JSON to write")
+    ap.add_argument("--predictions", help="every sample as JSON lines (default: <out>.predictions.jsonl)")
     ap.add_argument("--variant", default="", help="variant label for the summary (e.g. base, sft-lora)")
     args = ap.parse_args(argv)
     params = json.loads(args.params)
@@ -112,7 +130,7 @@ def main(argv=None):
     with step_run("evaluate", params) as run:
         record = evaluate(args.model, args.data, params)
         record["variant"] = args.variant
-        write_json(args.out, record)
+        write_results(record, args.out, args.predictions)
         run.log_metrics({record["metric"]: record["score"], "n": record["n"], "eval_seconds": record["seconds"]})
         run.log_artifact(args.out)
     print(f"{record['bench']} on {args.variant or args.model}: {record['metric']} = {record['score']:.3f} "

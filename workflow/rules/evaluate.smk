@@ -3,7 +3,8 @@ rule evaluate:
         model=eval_model,
         data=bench_data,
     output:
-        f"{RESULTS}/{{model}}/{{variant}}/eval/{{bench}}.json",
+        json=f"{RESULTS}/{{model}}/{{variant}}/eval/{{bench}}.json",
+        predictions=f"{RESULTS}/{{model}}/{{variant}}/eval/{{bench}}.predictions.jsonl",
     wildcard_constraints:
         variant=r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?",
     params:
@@ -22,4 +23,4 @@ rule evaluate:
         "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu}"
         " -- python -m snaketune.{params.module}"
         " --model {input.model} --data {input.data} --params {params.spec:q}"
-        " --variant {wildcards.variant} --out {output} > {log} 2>&1"
+        " --variant {wildcards.variant} --out {output.json} --predictions {output.predictions} > {log} 2>&1"
