@@ -295,6 +295,29 @@ def test_lora_family_reference_and_resume(train_type, sft_model, arith, tmp_path
     assert again["resumed_from"].endswith("checkpoint-2") and again["steps"] == 3
 
 
+@pytest.mark.parametrize("stage", ["orpo", "simpo", "cpo", "kto", "rm"])
+def test_every_method_reports_tokens_per_s(stage, tiny_model, arith, tmp_path):
+    """training.json's tokens and tokens/s, counted as train counts them (non-padding tokens of every
+    sequence the model reads): trl's ORPO/CPO batches hold no input_ids, and their runs had none."""
+    recipe = {"stage": stage, "train_type": "lora", "batch_size": 4, "max_steps": 4, "logging_steps": 1, "seed": 0}
+    summary = align(str(tiny_model), [str(arith)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"))
+    assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0
+    assert json.loads((tmp_path / "out/training.json").read_text())["tokens_per_s"] == summary["tokens_per_s"]
+
+
+def test_a_resumed_alignment_counts_tokens_from_its_checkpoint(tiny_model, arith, tmp_path):
+    """A resumed run's tokens are those of the whole run, as if it had not stopped, and its steady
+    tokens/s is positive (DPO counted this session's tokens only: -600 tok/s after a resume)."""
+    recipe = {"stage": "dpo", "train_type": "lora", "batch_size": 4, "max_steps": 4, "save_steps": 2,
+              "logging_steps": 1, "seed": 0}
+    ckpt = tmp_path / "ckpt"
+    first = align(str(tiny_model), [str(arith)], recipe, str(tmp_path / "out"), str(ckpt))
+    shutil.rmtree(ckpt / "checkpoint-4")  # as if the job had been killed before its last checkpoint
+    again = align(str(tiny_model), [str(arith)], recipe, str(tmp_path / "out2"), str(ckpt))
+    assert again["resumed_from"].endswith("checkpoint-2")
+    assert again["tokens"] == first["tokens"] > 0 and again["tokens_per_s"] > 0
+
+
 @pytest.mark.parametrize("train_type", ["freeze", "qlora"])
 def test_freeze_and_qlora_policies(train_type, sft_model, arith, tmp_path):
     """freeze trains full weights of the last block against a frozen copy; qlora an adapter on the

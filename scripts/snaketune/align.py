@@ -387,6 +387,23 @@ def orpo_trainer_class(nll: str):
     return CompletionNLLORPOTrainer
 
 
+def counting_pair_tokens(trainer_class):
+    """``trainer_class`` counting the non-padding tokens of the chosen and rejected sequences into
+    ``state.num_input_tokens_seen``, as the other trainers count their batches: trl's ORPO/CPO batches
+    have no ``input_ids`` for transformers to count, so their runs reported no tokens/s."""
+    import torch
+
+    class PairTokens(trainer_class):
+        def _track_num_input_tokens(self, inputs):
+            masks = [inputs[k] for k in ("chosen_attention_mask", "rejected_attention_mask") if k in inputs]
+            if "input_ids" in inputs or len(masks) < 2 or self.args.include_num_input_tokens_seen == "no":
+                return super()._track_num_input_tokens(inputs)
+            seen = torch.as_tensor(sum(m.sum() for m in masks), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(seen).sum().item()
+
+    return PairTokens
+
+
 def make_trainer(stage: str, model, tokenizer, dataset, recipe: dict, common: dict, callbacks: list,
                  peft_config=None):
     """The trl trainer for ``stage`` with its config (common Trainer args + the stage's keys)."""
@@ -398,9 +415,11 @@ def make_trainer(stage: str, model, tokenizer, dataset, recipe: dict, common: di
     elif stage == "orpo":
         from trl.experimental.orpo import ORPOConfig as Config
 
-        Trainer = orpo_trainer_class(recipe.get("orpo_nll", "completion"))
+        Trainer = counting_pair_tokens(orpo_trainer_class(recipe.get("orpo_nll", "completion")))
     elif stage in ("simpo", "cpo"):
-        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer
+
+        Trainer = counting_pair_tokens(CPOTrainer)
     elif stage == "rm":
         from trl import RewardConfig as Config, RewardTrainer as Trainer
     else:
@@ -500,9 +519,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     common = _common_args(recipe, checkpoints, cuda, dtype_name, total_steps)
 
     preempted = Preempted()
-    # trl's DPO/KTO/reward trainers count tokens in their own counter, GRPO/RLOO in the Trainer's
-    progress = make_callback(AliasedRun(run), preempted, total_steps,
-                             tokens=lambda state: getattr(trainer, "_total_train_tokens", 0) or state.num_input_tokens_seen)
+    progress = make_callback(AliasedRun(run), preempted, total_steps)
     callbacks = [progress]
     variant = None
     if stage == "grpo":
@@ -547,7 +564,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "first_loss": first_last("loss")[0],
         "final_loss": first_last("loss")[1],
         "wall_seconds": time.perf_counter() - t0,
-        "tokens": progress.tokens(trainer.state) or None,  # None: this trl trainer counts none
+        "tokens": trainer.state.num_input_tokens_seen,
         **progress.timing(),
         "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "trainable_params": trainable,

@@ -436,20 +436,18 @@ def trainer_class():
     return SnaketuneTrainer
 
 
-def make_callback(run, preempted: Preempted, total_steps: int, tokens=None):
+def make_callback(run, preempted: Preempted, total_steps: int):
     """A TrainerCallback that logs to MLflow, prints progress lines, handles preemption and times
     the run (its ``timing()`` goes into training.json).
 
     Steady state runs from the end of step ``k0`` (``WARMUP_STEPS`` after the first step of this
     session, fewer when the session has at most twice as many steps) to the end of the last
     step, each end read after a device synchronisation; the final checkpoint and model save come
-    after it. ``tokens(state)`` counts the tokens seen (default ``state.num_input_tokens_seen``).
+    after it. Tokens are the Trainer's ``state.num_input_tokens_seen`` (non-padding, kept across a resume).
     Each log sends MLflow ``interval_tokens_per_s``, the rate since the previous log (logging reads
     the loss, which waits for the device); the step logs the steady ``tokens_per_s`` at the end.
     """
     from transformers import TrainerCallback
-
-    count = tokens or (lambda state: state.num_input_tokens_seen)
 
     class Progress(TrainerCallback):
         def __init__(self):
@@ -458,11 +456,10 @@ def make_callback(run, preempted: Preempted, total_steps: int, tokens=None):
             self.k0 = 0
             self.marks = {}  # "begin" / "warm" / "end" -> (step, tokens, perf_counter)
             self.last_log = None
-            self.tokens = count  # tokens(state): tokens seen so far
 
         def _mark(self, name, state):
             _sync()
-            self.marks[name] = (state.global_step, count(state), time.perf_counter())
+            self.marks[name] = (state.global_step, state.num_input_tokens_seen, time.perf_counter())
 
         def on_train_begin(self, args, state, control, **kw):
             self.start_step = state.global_step
@@ -489,7 +486,7 @@ def make_callback(run, preempted: Preempted, total_steps: int, tokens=None):
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
-            now, seen = time.perf_counter(), count(state)
+            now, seen = time.perf_counter(), state.num_input_tokens_seen
             step0, seen0, t_prev = self.last_log
             tps = (seen - seen0) / max(now - t_prev, 1e-9)
             if "loss" in logs and state.global_step > step0:  # a training log, not the end-of-training summary
