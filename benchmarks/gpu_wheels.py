@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOTS = ["snakemake", "mlflow-skinny", "trl", "peft", "datasets", "llmcompressor", "compressed-tensors",
-         "jsonschema", "alembic", "sqlalchemy", "snaketune"]
+         "jsonschema", "alembic", "sqlalchemy", "openai", "snaketune"]
 # Snakemake imports pulp only for its ILP scheduler and falls back without it; torch comes with the image.
 SKIP = {"pulp", "torch", "triton"}
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
