@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from snaketune.report import benchmark_rss, score_table
+from snaketune import report as report_module
+from snaketune.report import benchmark_rss, plot_scores, score_table
 from conftest import snakemake
 from test_determinism import MODEL
 
@@ -59,6 +60,18 @@ def test_score_table_copies_the_summary_cells():
     md = ("| model | variant | bench | metric | score | n | size MB |\n|---|---|---|---|---:|---:|---:|\n"
           "| m | base | b | exact_match | 0.125 | 8 | 1.00 |\n| m | x/<q> | b | exact_match | 1.000 | 8 | 0.50 |\n")
     assert html_cells(score_table([], md)) == md_cells(md)
+
+
+def test_score_chart_has_a_legend_of_the_variant_kinds(tmp_path, monkeypatch):
+    """Each panel's legend names the colours of the variants it shows: base, trained, quantized."""
+    drawn = []
+    monkeypatch.setattr(report_module, "_save", lambda fig, path: drawn.append(fig))
+    rows = [{"model": "m", "bench": b, "metric": "exact_match", "variant": v, "score": 0.5}
+            for b, variants in (("arith", ["base", "sft-lora", "sft-lora/fp8"]), ("qa", ["base", "dpo-lora"]))
+            for v in variants]
+    plot_scores(rows, tmp_path / "eval_scores.png")
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in drawn[0].axes]
+    assert legends == [["base", "trained", "quantized"], ["base", "trained"]]
 
 
 def test_benchmark_rss_reads_snakemake_tsv(tmp_path):

@@ -4,7 +4,8 @@ Reads the finished study and writes into ``--out``:
 
 - ``loss.png``: the training loss per step of every training run, one panel per run;
 - ``eval_scores.png``: every eval score across variants (base / SFT / aligned / quantized), one
-  panel per (model, bench), the value written on each bar;
+  panel per (model, bench), the value written on each bar, the colours (base, trained, quantized)
+  in a legend;
 - ``eval_table.html``: the same scores as a table, with exactly the numbers (and rounding) of
   ``results/summary.md``, so the report and the terminal summary agree;
 - ``throughput_memory.png``: tokens/s and peak memory (max RSS of the Snakemake benchmark) per
@@ -130,20 +131,31 @@ def plot_loss(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+KINDS = {"base": "#9e9e9e", "trained": "#4c72b0", "quantized": "#dd8452"}  # legend -> colour
+
+
+def variant_kind(variant: str) -> str:
+    """The legend entry of a variant: ``base``, a recipe, or ``<base|recipe>/<quantize name>``."""
+    return "base" if variant == "base" else "quantized" if "/" in variant else "trained"
+
+
 def plot_scores(rows: list[dict], path: Path) -> None:
+    from matplotlib.patches import Patch
+
     plt = _plt()
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["bench"], r["metric"]), []).append(r)
     n = max(len(groups), 1)
-    fig, axes = plt.subplots(n, 1, figsize=(max(6, 1.4 * max((len(g) for g in groups.values()), default=1) + 2),
+    fig, axes = plt.subplots(n, 1, figsize=(max(6, 1.4 * max((len(g) for g in groups.values()), default=1) + 4),
                                               3.8 * n), squeeze=False)
-    colors = {"base": "#9e9e9e"}
     for ax, ((model, bench, metric), group) in zip(axes.flat, groups.items()):
         names = [r["variant"] for r in group]
         scores = [r["score"] for r in group]
-        palette = [colors.get(v, "#4c72b0" if "/" not in v else "#dd8452") for v in names]
-        bars = ax.bar(names, scores, color=palette)
+        kinds = [variant_kind(v) for v in names]
+        bars = ax.bar(names, scores, color=[KINDS[k] for k in kinds])
+        ax.legend(handles=[Patch(color=c, label=k) for k, c in KINDS.items() if k in kinds], fontsize=8,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         for bar, s in zip(bars, scores):
             ax.annotate(f"{s:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", xytext=(0, 2), textcoords="offset points")
