@@ -13,7 +13,7 @@ import pytest
 from snaketune.train import EXIT_REQUEUE, tokenize_dataset, tokenize_pt, tokenize_sft, train
 from snaketune.errors import SnaketuneError
 
-from conftest import read_jsonl
+from conftest import TINY, read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -459,3 +459,21 @@ def test_qlora_merge_of_a_bf16_training_is_checked_in_fp32(tiny_model, tiny_data
     record = merge_step.merge(str(tiny_model), str(tmp_path / "adapter"), str(tmp_path / "merged"))
     assert record["dtype"] == "bfloat16"
     assert record["max_logit_diff_vs_as_trained"] <= record["qlora_tolerance"]
+
+
+def test_lora_merge_into_a_bf16_base_is_done_in_fp32(tiny_data, tmp_path):
+    """A LoRA adapter on a bf16 base is merged in fp32 and cast once: merge.json's difference is
+    fp32 arithmetic, the saved model is bf16 and the cost of that cast is recorded beside it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import snaketune.merge as merge_step
+    from snaketune.model import fetch
+
+    fetch({**TINY, "dtype": "bf16"}, tmp_path / "base")
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 4, "logging_steps": 2}
+    train(str(tmp_path / "base"), [str(tiny_data)], recipe, str(tmp_path / "adapter"), str(tmp_path / "ckpt"))
+    record = merge_step.merge(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    assert record["dtype"] == "bfloat16" and record["max_logit_diff"] < 1e-4
+    assert 0 < record["max_logit_diff_saved_dtype"] < 0.5
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
