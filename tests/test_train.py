@@ -477,3 +477,24 @@ def test_lora_merge_into_a_bf16_base_is_done_in_fp32(tiny_data, tmp_path):
     assert record["dtype"] == "bfloat16" and record["max_logit_diff"] < 1e-4
     assert 0 < record["max_logit_diff_saved_dtype"] < 0.5
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
+
+
+def test_full_fine_tune_of_a_bf16_base_is_saved_in_bf16(tiny_data, tmp_path):
+    """fp32 master weights train a bf16 base; the saved model is bf16 again, as its base (the
+    H200 study's 1.5B came out fp32 at twice its base's size)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from snaketune.model import fetch
+
+    fetch({**TINY, "dtype": "bf16"}, tmp_path / "base")
+    recipe = {**RECIPE, "train_type": "full", "max_steps": 4, "logging_steps": 2}
+    summary = train(str(tmp_path / "base"), [str(tiny_data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"))
+    assert summary["final_loss"] < summary["first_loss"]
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    assert any(not torch.equal(weights[k], base[k]) for k in base)  # the training is in the saved weights
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16

@@ -45,7 +45,7 @@ from snaketune.errors import SnaketuneError, cli
 from snaketune.tracking import NullRun
 from snaketune.train import (EXIT_REQUEUE, LORA_TYPES, Preempted, claim_checkpoints, inputs_fingerprint,
                              keep_initial_adapter, latest_checkpoint, load_model, make_callback, pick_dtype,
-                             read_jsonl, save, trainer_args, wrap_model)
+                             read_jsonl, save, saved_dtype, trainer_args, wrap_model)
 
 PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "cpo", "rm")
 STAGES = PREFERENCE_STAGES + ("kto", "grpo")
@@ -579,7 +579,8 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
             summary[f"first_{key}"], summary[f"final_{key}"] = first, last
     if "ref" in getattr(trainer.model, "peft_config", {}):  # trl's frozen copy of the initial adapter
         trainer.model.delete_adapter("ref")
-    save(trainer, tokenizer, summary, Path(out), initial_adapter)  # train's: gathers shards, rank 0 renames into place
+    # train's: gathers shards, rank 0 renames into place; a full model in its base's dtype
+    save(trainer, tokenizer, summary, Path(out), initial_adapter, saved_dtype(base, recipe))
     return summary
 
 

@@ -169,6 +169,15 @@ def qlora_config(q: dict, dtype):
         bnb_4bit_use_double_quant=q.get("double_quant", True), bnb_4bit_compute_dtype=dtype)
 
 
+def saved_dtype(base: str, recipe: dict) -> str | None:
+    """The dtype a trained full model is cast to when saved: its base's, if it trained on fp32
+    master weights from a bf16/fp16 base; None (saved as trained) otherwise."""
+    if recipe.get("train_type") in FULL_TYPES and recipe.get("master_weights", "fp32") == "fp32":
+        declared = base_dtype(base)
+        return declared if declared in ("bfloat16", "float16") else None
+    return None
+
+
 def load_model(base: str, recipe: dict, dtype, cuda: bool):
     """Load the base model: for full/freeze fp32 master weights (``master_weights: fp32``) or
     weights in ``dtype`` (``master_weights: dtype``, pure bf16 as torchtune does), the frozen base
@@ -697,14 +706,39 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "data": data_stats,
         "log_history": trainer.state.log_history,
     }
-    save(trainer, tokenizer, summary, Path(out), initial_adapter)
+    save(trainer, tokenizer, summary, Path(out), initial_adapter, saved_dtype(base, recipe))
     return summary
 
 
-def save(trainer, tokenizer, summary: dict, out: Path, initial_adapter: Path | None = None) -> None:
+def base_dtype(base: str) -> str | None:
+    """The dtype a model folder declares in config.json (``dtype``, or transformers 4's
+    ``torch_dtype``), e.g. ``bfloat16``; None when it declares none."""
+    config = json.loads((Path(base) / "config.json").read_text())
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def cast_saved_weights(folder: Path, dtype: str) -> None:
+    """Rewrite a saved model's fp32 tensors in ``dtype`` and say so in its config.json: a full
+    fine-tune with fp32 master weights is saved in its base's dtype (a bf16 Qwen2.5-1.5B came out at
+    6.2 GB instead of 3.1 before), as the hub's models and other trainers' outputs are."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = getattr(torch, dtype)
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = {k: v.to(target) if v.dtype == torch.float32 else v for k, v in load_file(shard).items()}
+        save_file(tensors, shard, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = dtype
+    write_json(folder / "config.json", config)
+
+
+def save(trainer, tokenizer, summary: dict, out: Path, initial_adapter: Path | None = None,
+         save_dtype: str | None = None) -> None:
     """Save through the trainer (it gathers FSDP/ZeRO-3 shards) into a temporary sibling that rank 0
     completes and renames into place. With ``initial_adapter`` (PiSSA/OLoRA) the adapter is saved
-    converted: a plain LoRA of rank 2r that applies to the original base."""
+    converted: a plain LoRA of rank 2r that applies to the original base. With ``save_dtype`` (a
+    full model trained on fp32 master weights) the weights are saved cast to it."""
     partial = out.with_name(f".{out.name}.partial")
     if trainer.is_world_process_zero() and partial.exists():
         shutil.rmtree(partial)
@@ -717,6 +751,8 @@ def save(trainer, tokenizer, summary: dict, out: Path, initial_adapter: Path | N
             summary["adapter_converted_from"] = "rank-r adapter on the rewritten base (PiSSA/OLoRA)"
             print(f"saved as a plain LoRA of rank {model.peft_config['default'].r * 2} on the original base "
                   "(peft weight conversion)", flush=True)
+        if save_dtype:
+            cast_saved_weights(partial, save_dtype)
         tokenizer.save_pretrained(partial)
         (partial / "training_args.bin").unlink(missing_ok=True)
         write_json(partial / "training.json", summary)
