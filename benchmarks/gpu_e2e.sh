@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU end-to-end study (configs/gpu-e2e.yaml) on one GPU machine, from the repository root:
 #
-#   OUT=/some/folder bash benchmarks/gpu_e2e.sh [extra snakemake args]
+#   OUT=/some/folder [E2E_CONFIG=configs/gpu-e2e.yaml] bash benchmarks/gpu_e2e.sh [targets and snakemake args]
+#   (default targets: all results/q7/sft-lora/adapter)
 #
 # Installs carried wheels from .whl/ into /tmp/site when that folder is there (a machine without the
 # training extras; see docs/gpu-e2e.md), records versions and the GPU, samples GPU memory every 0.25 s
 # while Snakemake runs, then packs what the table needs (logs, benchmark TSVs, every small JSON) into
 # $OUT. benchmarks/gpu_e2e_table.py turns that into the stage table. A rerun resumes (Snakemake
 # skips finished jobs). SNAKETUNE_E2E_LIMIT bounds Snakemake's wall time (seconds, default 520).
+# E2E_VERIFY="BUNDLE [TARGET ...]" then re-runs the bundle with `snaketune.bundle verify` on the same GPU.
 set -u
 OUT=${OUT:?set OUT to a folder for the logs}
 mkdir -p "$OUT"
@@ -39,8 +41,9 @@ nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,nohead
 SAMPLER=$!
 [ -f results/gpu-e2e-data/chat.jsonl ] || python3 benchmarks/gpu_e2e_data.py --out results/gpu-e2e-data/chat.jsonl
 echo "start $(date -u +%FT%T)" >> "$OUT/snakemake.log"
-timeout -s INT -k 30 "${SNAKETUNE_E2E_LIMIT:-520}" python3 -m snakemake --configfile configs/gpu-e2e.yaml \
-    --profile profiles/local --cores 16 --keep-going "$@" all results/q7/sft-lora/adapter 2>&1 | tee -a "$OUT/snakemake.log"
+[ $# -gt 0 ] || set -- all results/q7/sft-lora/adapter
+timeout -s INT -k 30 "${SNAKETUNE_E2E_LIMIT:-520}" python3 -m snakemake "$@" --profile profiles/local --cores 16 \
+    --keep-going --configfile "${E2E_CONFIG:-configs/gpu-e2e.yaml}" 2>&1 | tee -a "$OUT/snakemake.log"
 echo "end $(date -u +%FT%T) rc ${PIPESTATUS[0]}" | tee -a "$OUT/snakemake.log"
 kill "$SAMPLER"
 
@@ -48,4 +51,13 @@ du -sh results/*/*/* results/*/*/*/* 2>/dev/null | sort -h | tail -30 > "$OUT/du
 find results -name '*.json' -size -4M -not -path 'results/cache/*' > /tmp/e2e-files
 find results/logs results/benchmarks results/summary.md results/report -type f -size -4M >> /tmp/e2e-files 2>/dev/null
 tar czf "$OUT/results.tgz" -T /tmp/e2e-files 2>/dev/null
+if [ -n "${E2E_VERIFY:-}" ]; then
+    set -- $E2E_VERIFY
+    bundle=$1; shift
+    start=$(date +%s)
+    python3 -m snaketune.bundle verify "$bundle" --run-bundle-code --cores 16 --workdir /tmp/e2e-verify \
+        ${1:+--targets "$@"} 2>&1 | tee "$OUT/verify.log"
+    echo "verify rc ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s" | tee -a "$OUT/verify.log"
+    cp "$bundle" "$OUT/" 2>/dev/null
+fi
 ls -la "$OUT"
