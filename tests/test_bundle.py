@@ -176,6 +176,7 @@ def test_bundle_holds_everything_the_issue_lists(unpacked):
                 "env/lock.json", "env/requirements.lock", "hashes/inputs.json", "hashes/artifacts.json",
                 "mlflow/runs.json", "report.html", "MANIFEST.json", "results/summary.md", "results/summary.json",
                 f"results/{MODEL}/base/eval/arith.json", f"results/{MODEL}/sft-lora/eval/arith.json",
+                f"results/{MODEL}/sft-lora/eval/arith.predictions.jsonl",
                 f"results/{MODEL}/sft-lora/adapter/training.json", f"results/{MODEL}/base/model/source.json",
                 "results/datasets/arith/manifest.json", "results/report/loss.png"):
         assert (top / rel).is_file(), rel
@@ -205,6 +206,8 @@ def test_bundle_holds_everything_the_issue_lists(unpacked):
     runs = json.loads((top / "mlflow/runs.json").read_text())["runs"]
     train = [r for r in runs if r["tags"].get("snakemake.rule") == "train_adapter"]
     assert train and len(train[0]["metrics"]["loss"]) >= 4 and train[0]["params"]["max_steps"] == "20"
+    names = [r["run_name"] for r in runs]
+    assert len(set(names)) == len(names) and {"train sft-lora", "evaluate sft-lora · arith"} <= set(names), names
     spec = json.loads((top / "reproduce.json").read_text())
     assert spec["device"] == "cpu" and f"eval/{MODEL}/sft-lora/arith.exact_match" in spec["metrics"]
     readme = (top / "README.md").read_text()
