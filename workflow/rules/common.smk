@@ -324,9 +324,10 @@ def dataset_files(wildcards):
 
 
 def model_files(wildcards):
-    """A local model folder's files: inputs of the fetch rule, so replacing the weights reruns it."""
+    """A local model folder's files or GGUF file: inputs of the fetch rule, so replacing the weights
+    reruns it (a GGUF inside a Python package is pinned by its sha256 in source.json instead)."""
     block = config["models"][wildcards.model]
-    return _files(block["path"]) if block["source"] == "local" else []
+    return _files(block["path"]) if block["source"] in ("local", "gguf") and block.get("path") else []
 
 
 def with_seed(block):
