@@ -5,9 +5,10 @@ Reads the finished study and writes into ``--out``:
 - ``loss.png``: the training loss per step of every training run, one panel per run;
 - ``eval_scores.png``: every eval score across variants (base / SFT / aligned / quantized), one
   panel per (model, bench), the value written on each bar, the colours (base, trained, quantized)
-  in a legend;
+  in a legend; a cell whose step failed is a FAILED label at zero;
 - ``eval_table.html``: the same scores as a table, with exactly the numbers (and rounding) of
-  ``results/summary.md``, so the report and the terminal summary agree;
+  ``results/summary.md``, so the report and the terminal summary agree, and under it the failed
+  cells with their error and log;
 - ``throughput_memory.png``: tokens/s and peak memory (max RSS of the Snakemake benchmark) per
   training run, and output tokens/s per serving run where serving benchmarks exist
   (``<model>/<variant>/serving/<engine>.json`` or ``serving*.json``);
@@ -139,12 +140,13 @@ def variant_kind(variant: str) -> str:
     return "base" if variant == "base" else "quantized" if "/" in variant else "trained"
 
 
-def plot_scores(rows: list[dict], path: Path) -> None:
+def plot_scores(rows: list[dict], path: Path, failed: list[dict] = ()) -> None:
+    """One bar panel per (model, bench); failed cells (with a metric: eval cells) read FAILED."""
     from matplotlib.patches import Patch
 
     plt = _plt()
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in [*rows, *({**f, "score": None} for f in failed if f.get("metric"))]:
         groups.setdefault((r["model"], r["bench"], r["metric"]), []).append(r)
     n = max(len(groups), 1)
     fig, axes = plt.subplots(n, 1, figsize=(max(6, 1.4 * max((len(g) for g in groups.values()), default=1) + 4),
@@ -153,13 +155,14 @@ def plot_scores(rows: list[dict], path: Path) -> None:
         names = [r["variant"] for r in group]
         scores = [r["score"] for r in group]
         kinds = [variant_kind(v) for v in names]
-        bars = ax.bar(names, scores, color=[KINDS[k] for k in kinds])
+        bars = ax.bar(names, [s or 0 for s in scores], color=[KINDS[k] for k in kinds])
         ax.legend(handles=[Patch(color=c, label=k) for k, c in KINDS.items() if k in kinds], fontsize=8,
                   loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         for bar, s in zip(bars, scores):
-            ax.annotate(f"{s:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", xytext=(0, 2), textcoords="offset points")
-        ax.set_ylim(0, max(1.0, max(scores, default=0) * 1.15))
+            ax.annotate("FAILED" if s is None else f"{s:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", xytext=(0, 2), textcoords="offset points",
+                        color="#c44e52" if s is None else "black")
+        ax.set_ylim(0, max(1.0, max((s for s in scores if s is not None), default=0) * 1.15))
         ax.set_title(f"{model} · {bench}")
         ax.set_ylabel(metric)
         ax.tick_params(axis="x", rotation=20)
@@ -199,8 +202,9 @@ def plot_throughput(train: list[dict], serving: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def score_table(rows: list[dict], summary_md: str | None) -> str:
-    """The eval table as a small HTML page; the cells are summary.md's own cells when given."""
+def score_table(rows: list[dict], summary_md: str | None, failed: list[dict] = ()) -> str:
+    """The eval table as a small HTML page; the cells are summary.md's own cells when given. Failed
+    cells are listed under it with their step, error and log."""
     if summary_md:
         lines = [ln for ln in summary_md.splitlines() if ln.startswith("|")]
         head = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -211,16 +215,22 @@ def score_table(rows: list[dict], summary_md: str | None) -> str:
                  f"{r['size_mb']:.2f}"] for r in rows]
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n" for row in body)
+    notes = "".join(f"<li>{html.escape(' · '.join((f['model'], f['variant'], f['bench'])))}: "
+                    f"{html.escape(f['step'] or 'not run')}: <code>{html.escape(f['error'])}</code>"
+                    + (f" (log: <code>{html.escape(f['log'])}</code>)" if f.get("log") else "") + "</li>\n"
+                    for f in failed)
+    failures = f"<p>FAILED: {len(failed)} cell(s)</p>\n<ul>\n{notes}</ul>\n" if failed else ""
     return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>eval scores</title><style>"
             "body{font-family:sans-serif}table{border-collapse:collapse}"
             "td,th{border:1px solid #bbb;padding:4px 10px}td:nth-child(n+5){text-align:right}"
-            f"</style></head><body>\n<table>\n<tr>{th}</tr>\n{trs}</table>\n</body></html>\n")
+            f"</style></head><body>\n<table>\n<tr>{th}</tr>\n{trs}</table>\n{failures}</body></html>\n")
 
 
 def make_plots(summary_json: str, train_dirs: list[str], out: str, results: str = "results",
                summary_md: str | None = None) -> dict:
     results_dir = Path(results)
-    rows = json.loads(Path(summary_json).read_text())["rows"]
+    summary = json.loads(Path(summary_json).read_text())
+    rows, failed = summary["rows"], summary.get("failed", [])
     train = training_runs(train_dirs, results_dir)
     serving = serving_runs(results_dir)
     md = Path(summary_md).read_text() if summary_md and Path(summary_md).is_file() else None
@@ -228,14 +238,15 @@ def make_plots(summary_json: str, train_dirs: list[str], out: str, results: str 
         "eval": [{k: r[k] for k in ("model", "variant", "bench", "metric", "score", "n", "size_mb")} for r in rows],
         "training": train,
         "serving": serving,
+        "failed": failed,
     }
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_loss(train, out_dir / "loss.png")
-    plot_scores(rows, out_dir / "eval_scores.png")
+    plot_scores(rows, out_dir / "eval_scores.png", failed)
     plot_throughput(train, serving, out_dir / "throughput_memory.png")
     with atomic_file(out_dir / "eval_table.html") as fh:
-        fh.write(score_table(rows, md))
+        fh.write(score_table(rows, md, failed))
     write_json(out_dir / "numbers.json", numbers)
     return numbers
 
@@ -257,7 +268,7 @@ def main(argv=None):
         for name in ("loss.png", "eval_scores.png", "throughput_memory.png"):
             run.log_artifact(Path(args.out) / name, "plots")
     print(f"plots: {len(numbers['training'])} training runs, {len(numbers['eval'])} eval scores, "
-          f"{len(numbers['serving'])} serving runs -> {args.out}")
+          f"{len(numbers['serving'])} serving runs, {len(numbers['failed'])} failed cells -> {args.out}")
 
 
 if __name__ == "__main__":
