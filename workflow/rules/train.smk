@@ -16,7 +16,7 @@ rule train_full:
         checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
         cache=CACHE,
         module=lambda wc: "align" if config["recipes"][wc.recipe]["stage"] in ALIGN_STAGES else "train",
-    threads: 1
+    threads: lambda wc: config["recipes"][wc.recipe]["threads"]  # the CPU threads the step uses
     resources:
         **job_resources("gpu", "train_full", "recipes", "recipe"),
     log:
@@ -44,7 +44,7 @@ rule train_adapter:
         checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
         cache=CACHE,
         module=lambda wc: "align" if config["recipes"][wc.recipe]["stage"] in ALIGN_STAGES else "train",
-    threads: 1
+    threads: lambda wc: config["recipes"][wc.recipe]["threads"]  # the CPU threads the step uses
     resources:
         **job_resources("gpu", "train_adapter", "recipes", "recipe"),
     log:
