@@ -141,7 +141,7 @@ def test_dpo_loss_matches_an_independent_computation(sft_model, arith, tmp_path)
 
     tok = AutoTokenizer.from_pretrained(sft_model)
     rows = read(arith / "preference.jsonl")[:6]
-    recipe = {"stage": "dpo", "train_type": "lora", "beta": 0.3, "batch_size": 6, "max_steps": 1}
+    recipe = {"stage": "dpo", "train_type": "lora", "beta": 0.3, "learning_rate": 5e-6, "batch_size": 6, "max_steps": 1}
     model, peft_config = load_policy(str(sft_model), recipe, torch.float32)
     fit_logprob_tiles(model.config.vocab_size)
     common = _common_args(recipe, tmp_path / "ckpt", False, "fp32", 1)
@@ -269,9 +269,9 @@ def test_recipe_errors_name_the_key(sft_model, arith, tmp_path):
     with pytest.raises(SnaketuneError, match="unknown alignment stage 'ppo'"):
         align(str(sft_model), [str(arith)], {"stage": "ppo"}, str(tmp_path / "o"))
     with pytest.raises(SnaketuneError, match="unknown grpo.variant 'ppo'"):
-        align(str(sft_model), [str(arith)], {"stage": "grpo", "grpo": {"variant": "ppo"}}, str(tmp_path / "o"))
+        align(str(sft_model), [str(arith)], {"stage": "grpo", "learning_rate": 1e-4, "grpo": {"variant": "ppo"}}, str(tmp_path / "o"))
     with pytest.raises(SnaketuneError, match="unknown grpo key"):
-        align(str(sft_model), [str(arith)], {"stage": "grpo", "grpo": {"group_size": 4}}, str(tmp_path / "o"))
+        align(str(sft_model), [str(arith)], {"stage": "grpo", "learning_rate": 1e-4, "grpo": {"group_size": 4}}, str(tmp_path / "o"))
     with pytest.raises(SnaketuneError, match="kto.jsonl does not exist"):
         align(str(sft_model), [str(tmp_path)], {"stage": "kto"}, str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
@@ -299,7 +299,8 @@ def test_lora_family_reference_and_resume(train_type, sft_model, arith, tmp_path
 def test_every_method_reports_tokens_per_s(stage, tiny_model, arith, tmp_path):
     """training.json's tokens and tokens/s, counted as train counts them (non-padding tokens of every
     sequence the model reads): trl's ORPO/CPO batches hold no input_ids, and their runs had none."""
-    recipe = {"stage": stage, "train_type": "lora", "batch_size": 4, "max_steps": 4, "logging_steps": 1, "seed": 0}
+    recipe = {"stage": stage, "train_type": "lora", "learning_rate": 5e-6, "batch_size": 4, "max_steps": 4,
+              "logging_steps": 1, "seed": 0}
     summary = align(str(tiny_model), [str(arith)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"))
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0
     assert json.loads((tmp_path / "out/training.json").read_text())["tokens_per_s"] == summary["tokens_per_s"]
@@ -308,8 +309,8 @@ def test_every_method_reports_tokens_per_s(stage, tiny_model, arith, tmp_path):
 def test_a_resumed_alignment_counts_tokens_from_its_checkpoint(tiny_model, arith, tmp_path):
     """A resumed run's tokens are those of the whole run, as if it had not stopped, and its steady
     tokens/s is positive (DPO counted this session's tokens only: -600 tok/s after a resume)."""
-    recipe = {"stage": "dpo", "train_type": "lora", "batch_size": 4, "max_steps": 4, "save_steps": 2,
-              "logging_steps": 1, "seed": 0}
+    recipe = {"stage": "dpo", "train_type": "lora", "learning_rate": 5e-6, "batch_size": 4, "max_steps": 4,
+              "save_steps": 2, "logging_steps": 1, "seed": 0}
     ckpt = tmp_path / "ckpt"
     first = align(str(tiny_model), [str(arith)], recipe, str(tmp_path / "out"), str(ckpt))
     shutil.rmtree(ckpt / "checkpoint-4")  # as if the job had been killed before its last checkpoint
@@ -383,7 +384,8 @@ def test_tool_call_conversations_reach_the_template(tiny_model, tmp_path):
     assert '"name": "add"' in full.split("<|im_start|>user")[0]  # the schema, in the system turn
     assert labelled == '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|im_end|>5<|im_end|>'
 
-    recipe = {"stage": "dpo", "train_type": "lora", "batch_size": 2, "max_steps": 2, "logging_steps": 1, "seed": 0}
+    recipe = {"stage": "dpo", "train_type": "lora", "learning_rate": 5e-6, "batch_size": 2, "max_steps": 2,
+              "logging_steps": 1, "seed": 0}
     model, peft_config = load_policy(str(model_dir), recipe, torch.float32)
     trainer = make_trainer("dpo", model, tok, Dataset.from_list(read(data / "preference.jsonl")), recipe,
                            _common_args(recipe, tmp_path / "ckpt", False, "fp32", 2), [], peft_config)

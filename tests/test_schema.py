@@ -27,6 +27,31 @@ def test_default_config_is_valid_and_gets_defaults():
     assert config["benches"]["arith"]["batch_size"] == 32
 
 
+
+TRAIN_TYPES = ["full", "freeze", "lora", "qlora", "dora", "rslora", "pissa", "olora"]
+
+
+@pytest.mark.parametrize("stage", ["pt", "sft", "dpo", "kto", "orpo", "simpo", "cpo", "rm", "grpo"])
+def test_learning_rate_default_follows_the_train_type(stage):
+    """One default, the schema's (ms-swift's): 1e-5 for full and freeze, 1e-4 for the LoRA family, in
+    every stage; a recipe's own rate wins (the schema used to fill 1e-4 everywhere)."""
+    config = default_config()
+    config["recipes"] = {t: {"stage": stage, "train_type": t, "dataset": "arith"} for t in TRAIN_TYPES}
+    config["recipes"]["own"] = {"stage": stage, "train_type": "full", "dataset": "arith", "learning_rate": 3e-3}
+    validate(config, SCHEMA, set_default=True)
+    rates = {name: r["learning_rate"] for name, r in config["recipes"].items()}
+    assert rates == {"full": 1e-5, "freeze": 1e-5, **{t: 1e-4 for t in TRAIN_TYPES[2:]}, "own": 3e-3}
+
+
+def test_align_trains_at_the_schema_default(tmp_path):
+    """A DPO recipe without a learning rate trains at the schema's default, not at a step's own."""
+    from snaketune.align import _common_args
+
+    config = default_config()
+    config["recipes"]["dpo"] = {"stage": "dpo", "train_type": "full", "dataset": "arith", "from": "sft-lora"}
+    validate(config, SCHEMA, set_default=True)
+    assert _common_args(config["recipes"]["dpo"], tmp_path, False, "fp32", 10)["learning_rate"] == 1e-5
+
 @pytest.mark.parametrize("mutate, needle", [
     (lambda c: c["recipes"]["sft-lora"].update(learnig_rate=1e-4), "learnig_rate"),
     (lambda c: c["recipes"]["sft-lora"].update(learning_rate="fast"), "fast"),

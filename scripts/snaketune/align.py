@@ -172,7 +172,7 @@ def pretemplate(rows: list[dict], tokenizer) -> list[dict]:
 
 
 def _common_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, total_steps: int) -> dict:
-    args = trainer_args(recipe, checkpoints, cuda, dtype_name, total_steps, default_lr=5e-6)
+    args = trainer_args(recipe, checkpoints, cuda, dtype_name, total_steps)
     if recipe.get("gradient_checkpointing"):
         args["gradient_checkpointing"] = True
     return args

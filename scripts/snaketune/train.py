@@ -312,8 +312,7 @@ def optimizer(recipe: dict, cuda: bool) -> str:
     return name
 
 
-def trainer_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, total_steps: int,
-                 default_lr: float = 1e-4) -> dict:
+def trainer_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, total_steps: int) -> dict:
     """TrainingArguments keywords from a recipe (shared by train and align): optimiser, schedule,
     checkpoints, seeds, precision, and the multi-process strategy when there is one."""
     seed = recipe.get("seed", 0)
@@ -322,7 +321,7 @@ def trainer_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, t
         max_steps=total_steps,
         per_device_train_batch_size=recipe.get("batch_size", 8),
         gradient_accumulation_steps=recipe.get("gradient_accumulation_steps", 1),
-        learning_rate=recipe.get("learning_rate", default_lr),
+        learning_rate=recipe["learning_rate"],  # its default is the schema's
         lr_scheduler_type=recipe.get("lr_scheduler", "cosine"),
         warmup_steps=recipe.get("warmup_ratio", 0.0),  # a float < 1 is a ratio (transformers 5)
         weight_decay=recipe.get("weight_decay", 0.0),
