@@ -461,3 +461,16 @@ def test_grpo_tools_run_in_trls_tool_calling_loop(tiny_model, tmp_path):
     with pytest.raises(SnaketuneError, match="RLOOTrainer has no tool calling"):
         align(str(sft), [str(grpo_data)], {**recipe, "grpo": {**recipe["grpo"], "variant": "rloo"}},
               str(tmp_path / "o2"))
+
+
+def test_a_run_shorter_than_logging_steps_from_the_cli(tiny_model, arith, tmp_path):
+    """4 steps logged every 5: no step loss is logged, and the CLI's summary line used to fail on it
+    (TypeError formatting None) after the adapter was saved; the run's mean loss stands in."""
+    from snaketune.align import main
+
+    recipe = {"stage": "dpo", "train_type": "lora", "learning_rate": 1e-4, "batch_size": 4, "max_steps": 4,
+              "logging_steps": 5, "seed": 0}
+    main(["--base", str(tiny_model), "--data", str(arith), "--params", json.dumps(recipe), "--out",
+          str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    written = json.loads((tmp_path / "out/training.json").read_text())
+    assert written["first_loss"] == written["final_loss"] == written["train_loss"] > 0

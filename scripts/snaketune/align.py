@@ -42,27 +42,15 @@ import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
+from snaketune.registry import LORA_TYPES, STAGES
 from snaketune.tracking import NullRun
-from snaketune.train import (EXIT_REQUEUE, LORA_TYPES, Preempted, claim_checkpoints, inputs_fingerprint,
+from snaketune.train import (EXIT_REQUEUE, Preempted, claim_checkpoints, inputs_fingerprint,
                              keep_initial_adapter, latest_checkpoint, load_model, make_callback, pick_dtype,
                              read_jsonl, save, saved_dtype, trainer_args, wrap_model)
 
-PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "cpo", "rm")
-STAGES = PREFERENCE_STAGES + ("kto", "grpo")
+ALIGN_STAGES = [name for name, stage in STAGES.items() if stage.step == "align"]
 GRPO_VARIANTS = ("grpo", "dapo", "dr_grpo", "bnpo", "gspo", "cispo", "sapo", "luspo", "vespo", "rloo",
                  "reinforce++")
-
-# trl config keys that a recipe may set directly (top level), per stage; anything else goes through
-# ``trl_args`` (a free mapping passed to the trl config as is).
-STAGE_KEYS = {
-    "dpo": ("beta", "loss_type", "loss_weights", "label_smoothing", "ld_alpha", "f_divergence_type",
-            "f_alpha_divergence_coef", "use_weighting", "discopop_tau", "precompute_ref_log_probs"),
-    "kto": ("beta", "loss_type", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs"),
-    "orpo": ("beta",),
-    "simpo": ("beta", "simpo_gamma", "cpo_alpha", "label_smoothing"),
-    "cpo": ("beta", "loss_type", "cpo_alpha", "simpo_gamma", "label_smoothing", "alpha"),
-    "rm": ("center_rewards_coefficient",),
-}
 GRPO_KEYS = ("num_generations", "beta", "epsilon", "epsilon_high", "temperature", "top_p", "top_k",
              "max_completion_length", "num_iterations", "scale_rewards", "mask_truncated_completions",
              "importance_sampling_level", "use_vllm", "vllm_mode", "vllm_server_base_url",
@@ -115,7 +103,7 @@ def load_rows(data_dirs: list, stage: str) -> list[dict]:
     """The stage's rows from every dataset folder (a mix is concatenated; the trainer shuffles)."""
     rows, schemas_left_out = [], 0
     for data_dir in map(Path, data_dirs):
-        name = {"kto": "kto.jsonl", "grpo": "train.jsonl"}.get(stage, "preference.jsonl")
+        name = STAGES[stage].data
         path = data_dir / name
         if not path.is_file():
             raise SnaketuneError(f"{path} does not exist: stage {stage!r} reads {name} from the dataset folder "
@@ -179,7 +167,8 @@ def _common_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, t
 
 
 def _stage_args(recipe: dict, stage: str) -> dict:
-    keys = STAGE_KEYS.get(stage, ())
+    """The stage's trl config keys the recipe sets (STAGES[stage].keys; any other field: ``trl_args``)."""
+    keys = STAGES[stage].keys
     out = {k: recipe[k] for k in keys if k in recipe}
     if "max_length" in recipe and stage != "grpo":
         out["max_length"] = recipe["max_length"]
@@ -407,31 +396,31 @@ def counting_pair_tokens(trainer_class):
 def make_trainer(stage: str, model, tokenizer, dataset, recipe: dict, common: dict, callbacks: list,
                  peft_config=None):
     """The trl trainer for ``stage`` with its config (common Trainer args + the stage's keys)."""
-    extra = dict(recipe.get("trl_args", {}))
-    if stage == "dpo":
-        from trl import DPOConfig as Config, DPOTrainer as Trainer
-    elif stage == "kto":
-        from trl import KTOConfig as Config, KTOTrainer as Trainer
-    elif stage == "orpo":
-        from trl.experimental.orpo import ORPOConfig as Config
-
-        Trainer = counting_pair_tokens(orpo_trainer_class(recipe.get("orpo_nll", "completion")))
-    elif stage in ("simpo", "cpo"):
-        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer
-
-        Trainer = counting_pair_tokens(CPOTrainer)
-    elif stage == "rm":
-        from trl import RewardConfig as Config, RewardTrainer as Trainer
-    else:
-        raise AssertionError(stage)
     import warnings
 
+    spec = STAGES[stage]
+    extra = dict(recipe.get("trl_args", {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # experimental-API notices of ORPO/CPO
+        Config = _symbol(spec.config)
+        if stage == "orpo":
+            Trainer = orpo_trainer_class(recipe.get("orpo_nll", "completion"))
+        else:
+            Trainer = _symbol(spec.trainer)
+        if spec.pair_batches:
+            Trainer = counting_pair_tokens(Trainer)
         config = Config(**common, **_stage_args(recipe, stage), **extra)
         kw = {"peft_config": peft_config} if peft_config is not None else {}
         return Trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                        callbacks=callbacks, **kw)
+
+
+def _symbol(spec: str):
+    """The object a ``module:name`` string names (the registry's trainer and config classes)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def make_grpo_trainer(model, tokenizer, dataset, recipe: dict, common: dict, callbacks: list, peft_config=None):
@@ -481,8 +470,8 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     from transformers import AutoTokenizer
 
     stage = recipe.get("stage")
-    if stage not in STAGES:
-        raise SnaketuneError(f"unknown alignment stage {stage!r}: use one of {', '.join(STAGES)} "
+    if stage not in ALIGN_STAGES:
+        raise SnaketuneError(f"unknown alignment stage {stage!r}: use one of {', '.join(ALIGN_STAGES)} "
                              "(pt and sft are the train step)")
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -502,12 +491,12 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     print(f"data: {len(rows)} {stage} rows from {', '.join(map(str, data))}", flush=True)
     from datasets import Dataset
 
-    dataset = Dataset.from_list(pretemplate(rows, tokenizer) if stage in ("orpo", "simpo", "cpo", "rm") else rows)
+    dataset = Dataset.from_list(pretemplate(rows, tokenizer) if STAGES[stage].pretemplate else rows)
     peft_config = None
     if stage == "rm":
         model = load_reward_backbone(base, recipe, tokenizer, dtype)
     else:
-        model, peft_config = load_policy(base, recipe, dtype, stage in ("dpo", "kto", "grpo"))
+        model, peft_config = load_policy(base, recipe, dtype, STAGES[stage].reference)
     initial_adapter = keep_initial_adapter(model, recipe, checkpoints)  # PiSSA/OLoRA only
     fit_logprob_tiles(model.config.get_text_config().vocab_size)
 
@@ -561,8 +550,9 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "steps": trainer.state.global_step,
         "resumed_from": resume,
         "train_loss": result.training_loss,
-        "first_loss": first_last("loss")[0],
-        "final_loss": first_last("loss")[1],
+        # a run shorter than logging_steps logs no step loss: the run's mean stands in, as in train
+        "first_loss": first_last("loss")[0] if first_last("loss")[0] is not None else result.training_loss,
+        "final_loss": first_last("loss")[1] if first_last("loss")[1] is not None else result.training_loss,
         "wall_seconds": time.perf_counter() - t0,
         "tokens": trainer.state.num_input_tokens_seen,
         **progress.timing(),
@@ -586,7 +576,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
 
 def reference_kind(stage: str, recipe: dict, variant: str | None) -> str:
     lora = recipe.get("train_type", "lora") in LORA_TYPES
-    if stage in ("orpo", "simpo", "cpo", "rm"):
+    if not STAGES[stage].reference:
         return "none (reference-free)"
     if stage == "grpo":
         if grpo_args(recipe)[1]["beta"] == 0:
