@@ -35,9 +35,6 @@ FORMATS = (*CHAT_FORMATS, "text", "preference", "kto")
 SPLITS = {"chat": ("train", "test"), "text": ("pretrain", "pretrain_test"),
           "preference": ("preference", "preference_test"), "kto": ("kto", "kto_test")}
 WRONG_OFFSETS = (-10, -2, -1, 1, 2, 10)  # the synthetic task's wrong answers: sum + offset
-# the kind of rows each training stage reads (train.py: pt/sft, align.py: the rest)
-STAGE_KIND = {"pt": "text", "sft": "chat", "grpo": "chat", "kto": "kto",
-              **{stage: "preference" for stage in ("dpo", "orpo", "simpo", "cpo", "rm")}}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "tool": "tool", "function_call": "assistant",
                   "observation": "tool"}

@@ -31,22 +31,10 @@ from pathlib import Path
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune.model import check_weights
+from snaketune.registry import METHODS
 
-LLMC_METHODS = ("fp8", "gptq", "awq")
-BNB_METHODS = ("bnb-nf4", "bnb-int8")
 NF4_CPU_BLOCK = 64  # input-width granularity of bitsandbytes' 4-bit CPU kernels
-METHODS = LLMC_METHODS + BNB_METHODS
-CALIBRATED = ("gptq", "awq")  # the methods that calibrate on chat rows of the dataset's train.jsonl
 DEFAULT_CALIBRATION = {"samples": 64, "seed": 0, "max_length": 256}
-
-# scheme recorded in quantization.json and the summary
-SCHEMES = {
-    "fp8": "FP8_DYNAMIC (fp8 e4m3 weights per channel, dynamic per-token fp8 activations)",
-    "gptq": "W4A16 (int4 symmetric group weights, 16-bit activations)",
-    "awq": "W4A16_ASYM (int4 asymmetric group weights, 16-bit activations)",
-    "bnb-nf4": "bitsandbytes nf4 (4-bit NormalFloat weights, double quantization)",
-    "bnb-int8": "bitsandbytes LLM.int8 (int8 per-row weights)",
-}
 
 
 def dir_size(folder: str | os.PathLike) -> int:
@@ -149,7 +137,7 @@ def build_recipe(method: str, params: dict):
 
 def check_group_size(model, method: str, params: dict) -> None:
     """GPTQ/AWQ group quantization needs every quantized Linear's in_features % group_size == 0."""
-    if method not in ("gptq", "awq"):
+    if not METHODS[method].grouped:
         return
     import torch
 
@@ -185,7 +173,7 @@ def quantize_llmc(model_dir: str, texts: list[str], method: str, params: dict, o
     check_group_size(model, method, params)
     recipe = build_recipe(method, params)
     kwargs = {}
-    if method != "fp8":
+    if METHODS[method].calibrated:
         enc = tokenizer(texts, truncation=True, max_length=cal["max_length"], add_special_tokens=False)
         dataset = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
         kwargs = dict(
@@ -257,6 +245,7 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
     method = params.get("method")
     if method not in METHODS:
         raise SnaketuneError(f"unknown quantize method {method!r}: use one of {', '.join(METHODS)}")
+    spec = METHODS[method]
     if not (Path(model_dir) / "config.json").is_file():
         raise SnaketuneError(f"quantize --model {model_dir} is not an HF model folder (no config.json)")
     check_weights(model_dir, "quantize")
@@ -266,25 +255,25 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
     with atomic_dir(out) as tmp:
         record = {
             "method": method,
-            "scheme": SCHEMES[method],
+            "scheme": spec.scheme,
             "source_model": str(Path(model_dir).resolve()),
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,
         }
-        if method in ("gptq", "awq"):
+        if spec.grouped:
             record["group_size"] = int(params.get("group_size", 128))
-        if method in CALIBRATED:
+        texts = []
+        if spec.calibrated:
             from transformers import AutoTokenizer
 
             texts = calibration_texts(data_dir, AutoTokenizer.from_pretrained(model_dir), cal["samples"], cal["seed"])
             record["calibration"] = {**cal, "sha256": calibration_sha256(texts, cal["max_length"]),
                                      "source": str(Path(data_dir, "train.jsonl").resolve())}
-            record.update(quantize_llmc(model_dir, texts, method, params, tmp, cal))
-        elif method == "fp8":
-            record["calibration"] = None  # FP8_DYNAMIC is data-free
-            record.update(quantize_llmc(model_dir, [], method, params, tmp, cal))
         else:
-            record["calibration"] = None  # bitsandbytes quantizes round-to-nearest at load time
+            record["calibration"] = None  # FP8_DYNAMIC is data-free; bitsandbytes rounds to nearest at load time
+        if spec.library == "llmcompressor":
+            record.update(quantize_llmc(model_dir, texts, method, params, tmp, cal))
+        else:
             record.update(quantize_bnb(model_dir, method, params, tmp))
         record["size_bytes"] = dir_size(tmp)
         record["source_size_bytes"] = dir_size(model_dir)
@@ -309,7 +298,7 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(int(os.environ.get("SNAKETUNE_THREADS", "1")))
-    if params.get("method") in ("gptq", "awq") and not args.data:
+    if params.get("method") in METHODS and METHODS[params["method"]].calibrated and not args.data:
         raise SnaketuneError(f"quantize method {params['method']} needs calibration data: pass --data DIR")
     from snaketune.tracking import step_run
 

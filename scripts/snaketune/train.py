@@ -29,11 +29,10 @@ from pathlib import Path
 from snaketune import kernels
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune.registry import FULL_TYPES, LORA_TYPES
 
-LORA_TYPES = ("lora", "qlora", "dora", "rslora", "pissa", "olora")
 LABELS_VERSION = 2  # of tokenize_sft's label policy; part of the tokenized-cache key
 BASE_REWRITING = ("pissa", "olora")  # their init rewrites the base weights (see keep_initial_adapter)
-FULL_TYPES = ("full", "freeze")
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpoint written, rerun to resume
 
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
-from snaketune.data import STAGE_KIND, kinds
-from snaketune.quantize import CALIBRATED
+from snaketune.data import kinds
+from snaketune.registry import LORA_TYPES, METHODS, STAGES
 
 min_version("9.0")
 
@@ -70,9 +70,7 @@ except WorkflowError:
     ) from None
 
 RESULTS = "results"
-LORA_TYPES = ("lora", "qlora", "dora", "rslora", "pissa", "olora")
 CACHE = f"{RESULTS}/cache/tokenized"
-ALIGN_STAGES = ("dpo", "kto", "orpo", "simpo", "cpo", "rm", "grpo")
 
 
 def _git_commit():
@@ -125,7 +123,7 @@ def _from_cycles():
 
 def _data_problems(name, recipe):
     """A recipe whose datasets give no rows of the kind its stage trains on."""
-    need = STAGE_KIND[recipe["stage"]]
+    need = STAGES[recipe["stage"]].rows
     wants = {"text": "format: text", "chat": "format: messages, alpaca or sharegpt",
              "preference": "format: preference", "kto": "format: kto"}[need]
     for dataset in recipe_datasets(name):
@@ -170,7 +168,7 @@ def _check_references():
     for name, quant in config.get("quantize", {}).items():
         if quant.get("dataset") and quant["dataset"] not in config["datasets"]:
             problems.append(f"quantize.{name}.dataset: {quant['dataset']!r} is not a key of datasets")
-        elif quant["method"] in CALIBRATED:
+        elif METHODS[quant["method"]].calibrated:
             dataset = quant_dataset(name)
             if "chat" not in kinds(config["datasets"][dataset]):
                 problems.append(f"quantize.{name}.dataset: {quant['method']} calibrates on chat rows, but dataset "

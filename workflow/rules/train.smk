@@ -15,7 +15,7 @@ rule train_full:
         spec=train_spec,
         checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
         cache=CACHE,
-        module=lambda wc: "align" if config["recipes"][wc.recipe]["stage"] in ALIGN_STAGES else "train",
+        module=lambda wc: STAGES[config["recipes"][wc.recipe]["stage"]].step,
     threads: lambda wc: config["recipes"][wc.recipe]["threads"]  # the CPU threads the step uses
     resources:
         **job_resources("gpu", "train_full", "recipes", "recipe"),
@@ -43,7 +43,7 @@ rule train_adapter:
         spec=train_spec,
         checkpoints=lambda wc: f"{RESULTS}/{wc.model}/{wc.recipe}/checkpoints",
         cache=CACHE,
-        module=lambda wc: "align" if config["recipes"][wc.recipe]["stage"] in ALIGN_STAGES else "train",
+        module=lambda wc: STAGES[config["recipes"][wc.recipe]["stage"]].step,
     threads: lambda wc: config["recipes"][wc.recipe]["threads"]  # the CPU threads the step uses
     resources:
         **job_resources("gpu", "train_adapter", "recipes", "recipe"),

@@ -1,0 +1,64 @@
+"""What each training stage, train type and quantize method is: one entry each, read by the
+workflow (common.smk, at parse time: no torch here) and by the steps. The schema's enums list
+these keys (tests/test_registry.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FULL_TYPES = ("full", "freeze")
+LORA_TYPES = ("lora", "qlora", "dora", "rslora", "pissa", "olora")
+
+
+@dataclass(frozen=True)
+class Stage:
+    step: str  # the module that trains it: snaketune.train or snaketune.align
+    rows: str  # the kind of rows it trains on (snaketune.data.kinds), checked before any job
+    data: str  # the file it reads from every dataset folder
+    trainer: str | None = None  # "module:Class" of the trl trainer (align) and its config
+    config: str | None = None
+    reference: bool = False  # trains against the starting model (grpo: when grpo.beta > 0)
+    pretemplate: bool = False  # chat rows rendered to prompt/chosen/rejected text first
+    pair_batches: bool = False  # batches of chosen/rejected masks without input_ids (tokens counted by align)
+    keys: tuple = ()  # trl config keys a recipe sets at its top level (grpo: its grpo: block)
+
+
+_PREF = dict(step="align", rows="preference", data="preference.jsonl")
+_CPO = dict(trainer="trl.experimental.cpo:CPOTrainer", config="trl.experimental.cpo:CPOConfig",
+            pretemplate=True, pair_batches=True)
+
+STAGES = {
+    "pt": Stage("train", "text", "pretrain.jsonl"),
+    "sft": Stage("train", "chat", "train.jsonl"),
+    "dpo": Stage(**_PREF, trainer="trl:DPOTrainer", config="trl:DPOConfig", reference=True,
+                 keys=("beta", "loss_type", "loss_weights", "label_smoothing", "ld_alpha", "f_divergence_type",
+                       "f_alpha_divergence_coef", "use_weighting", "discopop_tau", "precompute_ref_log_probs")),
+    "kto": Stage("align", "kto", "kto.jsonl", trainer="trl:KTOTrainer", config="trl:KTOConfig", reference=True,
+                 keys=("beta", "loss_type", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs")),
+    "orpo": Stage(**_PREF, trainer="trl.experimental.orpo:ORPOTrainer", config="trl.experimental.orpo:ORPOConfig",
+                  pretemplate=True, pair_batches=True, keys=("beta",)),
+    "simpo": Stage(**_PREF, **_CPO, keys=("beta", "simpo_gamma", "cpo_alpha", "label_smoothing")),
+    "cpo": Stage(**_PREF, **_CPO, keys=("beta", "loss_type", "cpo_alpha", "simpo_gamma", "label_smoothing", "alpha")),
+    "rm": Stage(**_PREF, trainer="trl:RewardTrainer", config="trl:RewardConfig", pretemplate=True,
+                keys=("center_rewards_coefficient",)),
+    # grpo.variant rloo: trl:RLOOTrainer (align.make_grpo_trainer)
+    "grpo": Stage("align", "chat", "train.jsonl", trainer="trl:GRPOTrainer", config="trl:GRPOConfig",
+                  reference=True),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    library: str  # llmcompressor or bitsandbytes
+    scheme: str  # recorded in quantization.json and the summary
+    calibrated: bool = False  # calibrates on chat rows of the dataset's train.jsonl
+    grouped: bool = False  # int4 weights in groups of group_size input columns
+
+
+METHODS = {
+    "fp8": Method("llmcompressor", "FP8_DYNAMIC (fp8 e4m3 weights per channel, dynamic per-token fp8 activations)"),
+    "gptq": Method("llmcompressor", "W4A16 (int4 symmetric group weights, 16-bit activations)", True, True),
+    "awq": Method("llmcompressor", "W4A16_ASYM (int4 asymmetric group weights, 16-bit activations)", True, True),
+    "bnb-nf4": Method("bitsandbytes", "bitsandbytes nf4 (4-bit NormalFloat weights, double quantization)"),
+    "bnb-int8": Method("bitsandbytes", "bitsandbytes LLM.int8 (int8 per-row weights)"),
+}
