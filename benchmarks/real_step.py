@@ -55,23 +55,17 @@ PLAN = [
 
 
 def schema_recipe(keys: dict, steps: int) -> dict:
-    """A recipe block as the workflow hands it to the step: the schema's defaults filled in
-    (nested objects too, as snakemake's validate(set_default=True) does) and the study seed."""
-    import yaml
+    """A recipe block as the workflow hands it to the step: resolved through the config schema by
+    snakemake's validate(set_default=True), as the workflow resolves it (defaults that depend on
+    the recipe, such as learning_rate by train_type, included), plus the study seed."""
+    from snakemake.utils import validate
 
-    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
-    props = schema["properties"]["recipes"]["additionalProperties"]["properties"]
-
-    def fill(spec: dict, block: dict) -> dict:
-        out = dict(block)
-        for key, sub in spec.items():
-            if key not in out and "default" in sub:
-                out[key] = json.loads(json.dumps(sub["default"]))
-            if isinstance(out.get(key), dict) and "properties" in sub:
-                out[key] = fill(sub["properties"], out[key])
-        return out
-
-    return {"seed": 0, **fill(props, {"dataset": "fixed2048", "max_steps": steps, **keys})}
+    recipe = {"dataset": "fixed2048", "max_steps": steps, **keys}
+    config = {"study": "real-step", "models": {"m": {"source": "tiny"}},
+              "datasets": {"fixed2048": {"source": "synthetic"}}, "recipes": {"r": recipe},
+              "benches": {"b": {"dataset": "fixed2048"}}, "evaluation": {"variants": ["base"], "benches": ["b"]}}
+    validate(config, str(ROOT / "workflow/schemas/config.schema.yaml"))
+    return {"seed": 0, **config["recipes"]["r"]}
 
 
 def build_model(bl, size: str, folder: Path) -> Path:
