@@ -33,16 +33,20 @@ def arith(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def sft_model(tiny_model, arith, tmp_path_factory):
+def full_sft(base, data, out, **keys):
+    """A starting model of the fixtures: full SFT of ``base`` on ``data`` (48-token rows, batch 16)."""
     from snaketune.train import train
 
-    out = tmp_path_factory.mktemp("align-sft") / "sft"
-    recipe = {"stage": "sft", "train_type": "full", "learning_rate": 5e-3, "lr_scheduler": "constant",
-              "batch_size": 16, "max_steps": 500, "max_length": 48, "logging_steps": 100, "save_steps": 10000,
-              "seed": LEARNING_SEED}
-    train(str(tiny_model), [str(arith)], recipe, str(out), str(out.with_name("ckpt")), MemoryRun())
+    recipe = {"stage": "sft", "train_type": "full", "batch_size": 16, "max_length": 48, "logging_steps": 100,
+              "save_steps": 10000, "seed": LEARNING_SEED, **keys}
+    train(str(base), [str(data)], recipe, str(out), str(out.with_name("ckpt")), MemoryRun())
     return out
+
+
+@pytest.fixture(scope="module")
+def sft_model(tiny_model, arith, tmp_path_factory):
+    return full_sft(tiny_model, arith, tmp_path_factory.mktemp("align-sft") / "sft",
+                    learning_rate=5e-3, lr_scheduler="constant", max_steps=500)
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +56,13 @@ def pref_sft(arith, tmp_path_factory):
     too chaotic for them: its start (0.63-0.80 held-out pair accuracy) and every method's change
     of it (-0.07..+0.07) moved with the CPU capability and the seed (issue 18)."""
     from snaketune.model import fetch
-    from snaketune.train import train
 
     from conftest import TINY
 
     base = tmp_path_factory.mktemp("models") / "tiny64"
     fetch({**TINY, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4}, base)
-    out = tmp_path_factory.mktemp("align-pref-sft") / "sft"
-    recipe = {"stage": "sft", "train_type": "full", "learning_rate": 2e-3, "lr_scheduler": "cosine",
-              "batch_size": 16, "max_steps": 600, "max_length": 48, "logging_steps": 100, "save_steps": 10000,
-              "seed": LEARNING_SEED}
-    train(str(base), [str(arith)], recipe, str(out), str(out.with_name("ckpt")), MemoryRun())
-    return out
+    return full_sft(base, arith, tmp_path_factory.mktemp("align-pref-sft") / "sft",
+                    learning_rate=2e-3, lr_scheduler="cosine", max_steps=600)
 
 
 @pytest.fixture(scope="module")
