@@ -105,3 +105,22 @@ def test_vllm_answers_the_real_model_as_transformers_does(study, variant):
     print(f"vLLM and transformers agree on {same}/{len(prompts)}:", list(zip(prompts, ours, theirs)))
     # measured here (40-60 SFT steps): merged 20/20; fp8 19/20; gptq 19/20 (vLLM's W4A16 kernel in bf16)
     assert same >= len(prompts) - (2 if variant == "sft-lora/model" else len(prompts) // 4)
+
+
+def test_evalscope_scores_the_real_model_as_the_workflow_does(study):
+    """EvalScope (its own venv, local checkpoint) on the SFT model's held-out sums: greedy answers and
+    exact match as the workflow's evaluate step gave them (same template, same decoding)."""
+    from test_evalscope import EVALSCOPE_PYTHON, need
+
+    need(EVALSCOPE_PYTHON, "SNAKETUNE_REQUIRE_EVALSCOPE", "bash ci/evalscope.sh")
+    from snaketune.evalscope_eval import evaluate
+
+    ours = [json.loads(line) for line in
+            (study / "sft-lora/eval/arith.predictions.jsonl").read_text().splitlines()][:20]
+    record = evaluate(str(study / "sft-lora/model"), str(study.parent / "datasets/arith"),
+                      {"name": "arith", "max_new_tokens": 8, "limit": len(ours), "python": str(EVALSCOPE_PYTHON)})
+    theirs = record["predictions"]
+    assert [t["prompt"] for t in theirs] == [o["prompt"] for o in ours]
+    same = sum(t["prediction"].strip() == o["prediction"].strip() for t, o in zip(theirs, ours))
+    print(f"EvalScope and evaluate agree on {same}/{len(ours)}; exact match {record['score']}")
+    assert same >= len(ours) - 2
