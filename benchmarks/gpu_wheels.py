@@ -6,6 +6,8 @@ Walks the dependency closure of the workflow's packages in this venv (importlib.
 versions of constraints.txt), drops what the image already has (--have: one distribution name a
 line, e.g. the list in the device library's KINDS.md) and downloads the rest as CPython 3.12
 manylinux wheels (`pip download --no-deps`), building a wheel where PyPI has only an sdist.
+bitsandbytes' wheel (43 MB: libraries for CUDA 11.8-13.2 and ROCm) is cut to its CUDA 13 and CPU
+libraries (7.4 MB), so that everything fits the device's 64 MiB carry (36 MiB in all).
 """
 import argparse
 import re
@@ -15,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOTS = ["snakemake", "mlflow-skinny", "trl", "peft", "datasets", "llmcompressor", "compressed-tensors",
-         "jsonschema", "alembic", "sqlalchemy", "openai", "snaketune"]
+         "jsonschema", "alembic", "sqlalchemy", "openai", "bitsandbytes", "snaketune"]
 # Snakemake imports pulp only for its ILP scheduler and falls back without it; torch comes with the image.
 SKIP = {"pulp", "torch", "triton"}
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
@@ -46,6 +48,23 @@ def closure(roots: list[str]) -> dict[str, str]:
     return seen
 
 
+def slim_bitsandbytes(wheel: Path, keep: str = r"cuda13\d") -> None:
+    """Drop the CUDA/ROCm libraries of a bitsandbytes wheel except ``keep`` (and the CPU one)."""
+    import zipfile
+
+    drop = re.compile(rf"bitsandbytes/libbitsandbytes_(?!{keep}|cpu)\w+\.so$")
+    slim = wheel.with_suffix(".slim")
+    with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            if drop.search(info.filename):
+                continue
+            data = zin.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = b"\n".join(line for line in data.split(b"\n") if not drop.search(line.split(b",")[0].decode()))
+            zout.writestr(info, data)
+    slim.replace(wheel)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--have", type=Path, required=True, help="names the image already holds, one a line")
@@ -61,6 +80,8 @@ def main() -> None:
                               "--python-version", "3.12", "--implementation", "cp", *plat, "-d", str(args.out), spec])
         if got.returncode:
             subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(args.out), spec], check=True)
+    for wheel in args.out.glob("bitsandbytes-*.whl"):
+        slim_bitsandbytes(wheel)
     size = sum(p.stat().st_size for p in args.out.glob("*.whl")) / 2**20
     print(f"{len(need)} packages, {len(list(args.out.glob('*.whl')))} wheels, {size:.1f} MiB in {args.out}")
 
