@@ -31,7 +31,9 @@ def merge(base: str, adapter: str, out: str) -> dict:
     """Merge ``adapter`` into ``base``; write ``out`` atomically; returns merge.json's record."""
     import torch
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from snaketune.train import base_dtype
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise SnaketuneError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json): "
@@ -65,8 +67,7 @@ def merge(base: str, adapter: str, out: str) -> dict:
         print(f"QLoRA adapter (trained on a {quantized.get('bits', 4)}-bit base): merged into the dequantized "
               f"{quantized.get('bits', 4)}-bit weights, checked against the 4-bit base + adapter", flush=True)
     else:
-        dtype = AutoConfig.from_pretrained(base).dtype or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = getattr(torch, base_dtype(base) or "float32")
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     # merged in fp32 and cast once to the saved dtype: a merge in bf16 rounds W + BA in bf16 (merged vs
     # base + adapter differed by 0.19 in the logits for Qwen2.5-0.5B's shape on an H200)

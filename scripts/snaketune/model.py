@@ -157,7 +157,6 @@ def build_tiny(params: dict, out: Path) -> None:
     torch.manual_seed(params.get("seed", 0))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[params.get("dtype", "fp32")]
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece post-processing step that breaks BPE text
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )
