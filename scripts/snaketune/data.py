@@ -66,7 +66,7 @@ def _str_field(row: dict, key: str, prefix: str = "", nonempty: bool = False) ->
 def kinds(params: dict) -> set[str]:
     """The kinds of rows (``SPLITS`` keys) a dataset block fills: all for the synthetic task."""
     if params.get("source", "synthetic") == "synthetic":
-        return set(SPLITS)
+        return {"chat"} if params.get("task") == "shapes" else set(SPLITS)
     fmt = params.get("format", "messages")
     return {"chat" if fmt in CHAT_FORMATS else fmt}
 
@@ -226,8 +226,126 @@ def swift_rejected(row: dict, prompt: list[dict]) -> list[dict]:
     return [{"role": "assistant", "content": _str_field(row, "rejected_response")}]
 
 
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def has_images(row: dict) -> bool:
+    """Whether a messages row carries images: an ``images`` list, ``<image>`` placeholders or
+    content-part lists."""
+    msgs = row.get("messages")
+    return "images" in row or (isinstance(msgs, list) and any(
+        isinstance(m, dict) and (isinstance(m.get("content"), list)
+                                 or IMAGE_PLACEHOLDER in str(m.get("content", ""))) for m in msgs))
+
+
+def content_parts(content, where: str) -> tuple[list[dict], list]:
+    """A message's content as text and image parts (``<image>`` placeholders of a string split
+    out), and the image sources given inline (``{"type": "image", "image": "a.png"}``)."""
+    if isinstance(content, str):
+        pieces = content.split(IMAGE_PLACEHOLDER)
+        parts = []
+        for i, text in enumerate(pieces):
+            if i:
+                parts.append({"type": "image"})
+            if text:
+                parts.append({"type": "text", "text": text})
+        return parts, []
+    if not isinstance(content, list) or not content:
+        raise RowError(where, "a string (with <image> placeholders) or a non-empty list of text/image parts",
+                       content if content is not None else "nothing (missing)")
+    parts, inline = [], []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image":
+            parts.append({"type": "image"})
+            if part.get("image") is not None:
+                inline.append(part["image"])
+        else:
+            raise RowError(f"{where}[{i}]", '{"type": "text", "text": ...} or {"type": "image"[, "image": path]}', part)
+    return parts, inline
+
+
+def vision_row(row: dict) -> dict:
+    """A messages row with images, normalised: a turn with images a list of text/image parts
+    (images in user turns only), the others strings; ``images`` the sources in order, one per
+    image part (not yet opened)."""
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RowError("messages", "a non-empty list of {role, content} objects", msgs)
+    out, inline = [], []
+    for i, msg in enumerate(msgs):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+            raise RowError(f"messages[{i}].role", "one of " + "/".join(ROLES),
+                           msg.get("role") if isinstance(msg, dict) else msg)
+        parts, given = content_parts(msg.get("content"), f"messages[{i}].content")
+        if msg["role"] != "user" and any(p["type"] == "image" for p in parts):
+            raise RowError(f"messages[{i}].content", f"text only in a {msg['role']} turn (images go in user turns)",
+                           msg.get("content"))
+        if not any(p["type"] == "image" for p in parts):  # a text-only turn stays a string
+            parts = "".join(p["text"] for p in parts)
+        out.append({"role": msg["role"], "content": parts})
+        inline += given
+    check_messages([{"role": m["role"], "content": ""} for m in out])  # roles: ends with the assistant's answer
+    images = row.get("images", [])
+    if not isinstance(images, list):
+        raise RowError("images", "a list of image paths (relative to the dataset file)", images)
+    if inline and images:
+        raise RowError("images", "either an images list or image paths inside the content parts, not both", images)
+    images = inline or images
+    slots = sum(p["type"] == "image" for m in out if isinstance(m["content"], list) for p in m["content"])
+    if slots != len(images):
+        raise RowError("images", f"{slots} image(s), one per <image> placeholder or image part in messages",
+                       f"{len(images)} image(s): {images}")
+    return {"messages": out, "images": images}
+
+
+class ImageFile:
+    """An image of a dataset row: its bytes and format (written as images/<sha256>.<ext>)."""
+
+    def __init__(self, data: bytes, fmt: str):
+        self.data, self.ext = data, fmt.lower().replace("jpeg", "jpg")
+        self.sha256 = hashlib.sha256(data).hexdigest()
+
+    @property
+    def name(self) -> str:
+        return f"images/{self.sha256[:24]}.{self.ext}"
+
+
+def open_image(source, folder: Path | None, field: str) -> ImageFile:
+    """Read and check one image: a path relative to ``folder`` (the dataset file's), an absolute
+    path, or a hub dataset's image (a dict with bytes, or a PIL image)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, str):
+        path = Path(source) if Path(source).is_absolute() or folder is None else folder / source
+        if not path.is_file():
+            raise RowError(field, "an image file (a path relative to the dataset file)", f"{source!r} (no such file: {path})")
+        data = path.read_bytes()
+    elif isinstance(source, dict) and isinstance(source.get("bytes"), bytes):
+        data = source["bytes"]
+    elif isinstance(source, Image.Image):
+        buffer = io.BytesIO()
+        source.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    else:
+        raise RowError(field, "an image path (a string)", source)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            img.load()  # decodes every pixel: a truncated or corrupt file fails here
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise RowError(field, "a readable image (PNG, JPEG, WebP, ...)", f"{_short(source)} ({err})") from None
+    return ImageFile(data, fmt or "png")
+
+
 def to_row(row, fmt: str) -> dict:
     """Validate one row of format ``fmt`` and return it in the normalised form of its kind."""
+    if fmt == "messages" and isinstance(row, dict) and has_images(row):
+        return vision_row(row)
     if fmt in CHAT_FORMATS:
         return {"messages": to_messages(row, fmt), **(check_tools(row) if fmt == "messages" else {})}
     if not isinstance(row, dict):
@@ -359,8 +477,9 @@ def _listing(problems: list[str], most: int = 20) -> str:
     return "\n  ".join(problems[:most]) + more
 
 
-def validate_rows(numbered_rows, where: str, fmt: str, skip_bad_rows: bool) -> tuple[list[dict], list[str]]:
-    """Convert and validate rows; returns (rows, problems).
+def validate_rows(numbered_rows, where: str, fmt: str, skip_bad_rows: bool,
+                  image_dir: Path | None = None) -> tuple[list[dict], list[str]]:
+    """Convert and validate rows (images read from ``image_dir`` and checked); returns (rows, problems).
 
     With ``skip_bad_rows`` bad rows are dropped and reported in ``problems`` (unless every row is
     bad); otherwise any bad row raises a SnaketuneError that lists every problem (where:line,
@@ -371,7 +490,10 @@ def validate_rows(numbered_rows, where: str, fmt: str, skip_bad_rows: bool) -> t
         try:
             if isinstance(row, RowError):
                 raise row
-            rows.append(to_row(row, fmt))
+            out = to_row(row, fmt)
+            if "images" in out:
+                out["images"] = [open_image(src, image_dir, f"images[{i}]") for i, src in enumerate(out["images"])]
+            rows.append(out)
         except RowError as err:
             problems.append(f"{where}:{n}: {err}")
     if problems and not skip_bad_rows:
@@ -388,13 +510,31 @@ def validate_rows(numbered_rows, where: str, fmt: str, skip_bad_rows: bool) -> t
     return rows, problems
 
 
+def image_files(path: str | Path) -> list[str]:
+    """The image files a local JSONL/JSON dataset's rows name (``images`` and image parts with a
+    path), resolved beside it: inputs of the data rule, so editing one reruns what depends on it."""
+    file = Path(path)
+    if file.suffix.lower() not in (".jsonl", ".json") or not file.is_file():
+        return []
+    found = set()
+    for _, row in read_rows(file):
+        if not isinstance(row, dict):
+            continue
+        names = list(row.get("images") or []) if isinstance(row.get("images"), list) else []
+        for msg in row.get("messages") or []:
+            content = msg.get("content") if isinstance(msg, dict) else None
+            names += [p.get("image") for p in content if isinstance(p, dict)] if isinstance(content, list) else []
+        found.update(str(file.parent / n) for n in names if isinstance(n, str) and (file.parent / n).is_file())
+    return sorted(found)
+
+
 def load_local(path: str, fmt: str, skip_bad_rows: bool = False, key: str = "path") -> tuple[list[dict], list[str]]:
     """Read and validate a local dataset file (``key``: its config key, for messages); see
     ``validate_rows``. A file without rows is an error."""
     file = Path(path)
     if not file.is_file():
         raise SnaketuneError(f"dataset file {file} does not exist: fix datasets.<name>.{key} in the config")
-    rows, problems = validate_rows(read_rows(file), str(file), fmt, skip_bad_rows)
+    rows, problems = validate_rows(read_rows(file), str(file), fmt, skip_bad_rows, file.parent)
     if not rows:
         raise SnaketuneError(f"dataset file {file} has no rows (it is empty): fill it, or fix "
                              f"datasets.<name>.{key} in the config")
@@ -435,6 +575,61 @@ def addition_task(params: dict) -> dict[str, list[dict]]:
     return out
 
 
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+           "yellow": (235, 200, 30), "purple": (150, 60, 190), "orange": (240, 130, 30)}
+SHAPE_QUESTIONS = {"colour": "What colour is the circle?", "count": "How many squares are there?"}
+
+
+def draw_shapes(kind: str, colour: str, spots: list[tuple[int, int]], size: int, image_size: int) -> ImageFile:
+    """A PNG on a light grey ground: one circle (``colour``) or squares (``count``) at ``spots``."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (image_size, image_size), (235, 235, 235))
+    draw = ImageDraw.Draw(img)
+    for x, y in spots:
+        box = (x, y, x + size - 1, y + size - 1)
+        (draw.ellipse if kind == "colour" else draw.rectangle)(box, fill=COLOURS[colour])
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return ImageFile(buffer.getvalue(), "png")
+
+
+def shapes_task(params: dict) -> dict[str, list[dict]]:
+    """The synthetic vision task: PIL-drawn images asking "What colour is the circle?" (one circle
+    of one of ``COLOURS``) or "How many squares are there?" (1-4 squares, not touching), each
+    question kind in ``questions`` equally often; train and test images are disjoint (no drawing
+    is in both)."""
+    rng = random.Random(params.get("seed", 0))
+    side = params.get("image_size", 56)
+    questions = params.get("questions", ["colour"])
+    n_test, n_train = params.get("n_test", 200), params.get("n_train", 2000)
+    seen, cases = set(), []
+    while len(cases) < n_test + n_train:
+        kind = questions[len(cases) % len(questions)]
+        colour = rng.choice(sorted(COLOURS))
+        size = rng.randrange(side // 3, side // 2) if kind == "colour" else rng.randrange(side // 8, side // 6 + 1)
+        count = 1 if kind == "colour" else rng.randint(1, 4)
+        spots = []
+        while len(spots) < count:  # squares kept a pixel apart, so each one counts
+            x, y = rng.randrange(side - size), rng.randrange(side - size)
+            if all(abs(x - a) > size + 1 or abs(y - b) > size + 1 for a, b in spots):
+                spots.append((x, y))
+        key = (kind, colour, size, tuple(sorted(spots)))
+        if key in seen:
+            continue
+        seen.add(key)
+        answer = colour if kind == "colour" else str(count)
+        cases.append({"messages": [{"role": "user", "content": [{"type": "image"},
+                                                                 {"type": "text", "text": SHAPE_QUESTIONS[kind]}]},
+                                   {"role": "assistant", "content": answer}],
+                      "images": [draw_shapes(kind, colour, spots, size, side)]})
+    out = {name: [] for pair in SPLITS.values() for name in pair}
+    out["test"], out["train"] = cases[:n_test], cases[n_test:]
+    return out
+
+
 def addition_pairs(rows: list[dict]) -> list[dict]:
     """Preference pairs of the synthetic task from its chat rows: each sum's right answer against
     every kind of wrong one (``WRONG_OFFSETS``), for ranking tests and reward-model data."""
@@ -459,7 +654,7 @@ def build(params: dict) -> tuple[dict[str, list[dict]], list[str]]:
     """
     source = params.get("source", "synthetic")
     if source == "synthetic":
-        splits = addition_task(params)
+        splits = shapes_task(params) if params.get("task") == "shapes" else addition_task(params)
         if params.get("samples"):
             for train_split, _ in SPLITS.values():
                 splits[train_split] = splits[train_split][: params["samples"]]
@@ -489,6 +684,8 @@ def build(params: dict) -> tuple[dict[str, list[dict]], list[str]]:
 
 
 def _dump(rows: list[dict], path: Path) -> str:
+    """Write rows as JSONL (a row's images as their files' paths, relative to it); returns its sha256."""
+    rows = [{**r, "images": [im.name for im in r["images"]]} if "images" in r else r for r in rows]
     text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
     path.write_text(text, encoding="utf-8")
     return hashlib.sha256(text.encode()).hexdigest()
@@ -499,9 +696,16 @@ def prepare(params: dict, out) -> dict:
     splits, problems = build(params)
     with atomic_dir(out) as tmp:
         manifest = {"rows": {}, "sha256": {}, "skipped_rows": len(problems), "problems": problems[:100]}
+        images = {}
         for name, rows in splits.items():
             manifest["rows"][name] = len(rows)
             manifest["sha256"][name] = _dump(rows, tmp / f"{name}.jsonl")
+            images.update((im.name, im) for r in rows for im in r.get("images", []))
+        if images:  # named by their sha256, so the JSONL hashes above cover their content too
+            (tmp / "images").mkdir()
+            for name, im in images.items():
+                (tmp / name).write_bytes(im.data)
+            manifest["images"] = len(images)
         write_json(tmp / "manifest.json", manifest)
     return manifest
 

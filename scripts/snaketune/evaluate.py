@@ -1,7 +1,8 @@
 """Step `evaluate`: score one model folder on one benchmark and write the eval JSON.
 
 Engine ``transformers``: greedy generation in-process with the tokenizer's chat template, on the
-dataset folder's ``test.jsonl`` (the last assistant turn is the reference). Metrics:
+dataset folder's ``test.jsonl`` (the last assistant turn is the reference); rows with images go to
+a vision-language model with their images (snaketune.vision). Metrics:
 ``exact_match`` (stripped strings equal) and ``contains`` (reference appears in the output).
 The eval JSON keeps the first 10 samples (``examples``); every sample (prompt, reference,
 prediction, score) goes to the predictions file, ``<bench>.predictions.jsonl`` beside it.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_file, write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune import vision
 from snaketune.model import check_weights, hash_tree
 
 METRICS = {
@@ -31,8 +33,8 @@ def model_hash(folder: str | Path) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def load_cases(data_dir: Path, split: str, limit: int | None) -> list[tuple[list[dict], str]]:
-    """(prompt messages, reference answer) pairs from ``<split>.jsonl``."""
+def load_cases(data_dir: Path, split: str, limit: int | None) -> list[tuple[list[dict], str, list[str]]]:
+    """(prompt messages, reference answer, image paths) of the rows of ``<split>.jsonl``."""
     path = data_dir / f"{split}.jsonl"
     if not path.is_file():
         raise SnaketuneError(f"benchmark split {path} does not exist: set benches.<name>.split "
@@ -41,8 +43,9 @@ def load_cases(data_dir: Path, split: str, limit: int | None) -> list[tuple[list
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             if line.strip():
-                msgs = json.loads(line)["messages"]
-                cases.append((msgs[:-1], msgs[-1]["content"]))
+                row = json.loads(line)
+                msgs = row["messages"]
+                cases.append((msgs[:-1], msgs[-1]["content"], [str(data_dir / p) for p in row.get("images", [])]))
     if not cases:
         raise SnaketuneError(f"benchmark split {path} has no rows: give the bench's dataset chat rows in that "
                              "split (test_size or test_path for test), or set benches.<name>.split")
@@ -82,9 +85,15 @@ def evaluate(model_dir: str, data_dir: str, params: dict) -> dict:
         raise SnaketuneError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     cases = load_cases(Path(data_dir), params.get("split", "test"), params.get("limit"))
     t0 = time.time()
-    preds = generate(model_dir, [c[0] for c in cases], params.get("max_new_tokens", 16),
-                     params.get("batch_size", 32))
-    hits = [METRICS[metric](p, ref) for p, (_, ref) in zip(preds, cases)]
+    if any(c[2] for c in cases):
+        check_weights(model_dir, "evaluate")
+        vision.check_model(model_dir, [Path(data_dir) / f"{params.get('split', 'test')}.jsonl"])
+        preds = vision.generate(model_dir, [c[0] for c in cases], [c[2] for c in cases],
+                                params.get("max_new_tokens", 16), params.get("batch_size", 32))
+    else:
+        preds = generate(model_dir, [c[0] for c in cases], params.get("max_new_tokens", 16),
+                         params.get("batch_size", 32))
+    hits = [METRICS[metric](p, c[1]) for p, c in zip(preds, cases)]
     return {
         "bench": params.get("name"),
         "metric": metric,
@@ -94,10 +103,11 @@ def evaluate(model_dir: str, data_dir: str, params: dict) -> dict:
         "model_path": str(model_dir),
         "model_sha256": model_hash(model_dir),
         "seconds": round(time.time() - t0, 2),
-        "examples": [{"prompt": c[0][-1]["content"], "reference": c[1], "prediction": p, "correct": h}
-                     for c, p, h in list(zip(cases, preds, hits))[:10]],
-        "predictions": [{"index": i, "prompt": c[0][-1]["content"], "reference": c[1], "prediction": p,
-                         "score": float(h)} for i, (c, p, h) in enumerate(zip(cases, preds, hits))],
+        "examples": [{"prompt": vision.text_of(c[0][-1]["content"]), "reference": c[1], "prediction": p, "correct": h,
+                      **({"images": c[2]} if c[2] else {})} for c, p, h in list(zip(cases, preds, hits))[:10]],
+        "predictions": [{"index": i, "prompt": vision.text_of(c[0][-1]["content"]), "reference": c[1],
+                         "prediction": p, "score": float(h), **({"images": c[2]} if c[2] else {})}
+                        for i, (c, p, h) in enumerate(zip(cases, preds, hits))],
     }
 
 

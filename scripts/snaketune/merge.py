@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from snaketune.atomic import atomic_dir, write_json
@@ -31,9 +32,10 @@ def merge(base: str, adapter: str, out: str) -> dict:
     """Merge ``adapter`` into ``base``; write ``out`` atomically; returns merge.json's record."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     from snaketune.train import base_dtype
+    from snaketune.vision import is_vision
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise SnaketuneError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json): "
@@ -46,6 +48,7 @@ def merge(base: str, adapter: str, out: str) -> dict:
     check_weights(base, "merge")
     check_weights(adapter, "merge")
     tokenizer = AutoTokenizer.from_pretrained(adapter)
+    auto = AutoModelForImageTextToText if is_vision(base) else AutoModelForCausalLM
     enc = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                          return_tensors="pt", return_dict=True) for p in CHECK_PROMPTS]
     if quantized:
@@ -55,7 +58,7 @@ def merge(base: str, adapter: str, out: str) -> dict:
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained.get("dtype"), torch.float32)
         device = "cuda" if torch.cuda.is_available() else None
-        load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        load = lambda: auto.from_pretrained(  # noqa: E731
             base, dtype=torch.float32, device_map=device, quantization_config=qlora_config(quantized, torch.float32))
         as_trained = PeftModel.from_pretrained(load(), adapter).eval()
         as_trained.enable_input_require_grads()  # as in training: bitsandbytes' training matmul, which also
@@ -68,7 +71,7 @@ def merge(base: str, adapter: str, out: str) -> dict:
               f"{quantized.get('bits', 4)}-bit weights, checked against the 4-bit base + adapter", flush=True)
     else:
         dtype = getattr(torch, base_dtype(base) or "float32")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = auto.from_pretrained(base, dtype=torch.float32)
     # merged in fp32 and cast once to the saved dtype: a merge in bf16 rounds W + BA in bf16 (merged vs
     # base + adapter differed by 0.19 in the logits for Qwen2.5-0.5B's shape on an H200)
     peft_model = PeftModel.from_pretrained(model, adapter)
@@ -100,6 +103,8 @@ def merge(base: str, adapter: str, out: str) -> dict:
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if (Path(base) / "preprocessor_config.json").is_file():  # a vision-language model's image processor
+            shutil.copy2(Path(base) / "preprocessor_config.json", Path(tmp) / "preprocessor_config.json")
         write_json(Path(tmp) / "merge.json", record)
     return record
 

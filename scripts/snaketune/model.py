@@ -26,6 +26,23 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# vision-language: Qwen2-VL's chat template, whose content may be a list of text and image parts
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+VL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VISION_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl")
+# words of the synthetic vision task (snaketune.data.shapes_task), so the tiny tokenizer has them
+VISION_WORDS = "what colour is the circle how many squares are there red green blue yellow purple orange".split()
 # common English words of the tiny tokenizer's corpus (and of synthetic chat text elsewhere)
 CORPUS_WORDS = (
     "the of and to in is you that it he was for on are as with his they at be this from have "
@@ -88,12 +105,11 @@ def hash_tree(folder: str | os.PathLike) -> dict[str, str]:
     }
 
 
-def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
+def tokenizer_corpus(seed: int = 0, n: int = 4000, words: tuple[str, ...] | list[str] = CORPUS_WORDS) -> list[str]:
     """Text the tiny tokenizer is trained on: chat turns, arithmetic and common English words."""
     import random
 
     rng = random.Random(seed)
-    words = CORPUS_WORDS
     lines = []
     for _ in range(n):
         a, b = rng.randrange(1000), rng.randrange(1000)
@@ -103,8 +119,9 @@ def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int, seed: int = 0):
-    """Train a byte-level BPE tokenizer (digits split) with a ChatML chat template."""
+def build_tokenizer(vocab_size: int, seed: int = 0, vision: bool = False):
+    """Train a byte-level BPE tokenizer (digits split) with a ChatML chat template; ``vision``: with
+    Qwen2-VL's vision tokens, the vision task's words and a template that renders image parts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -119,19 +136,66 @@ def build_tokenizer(vocab_size: int, seed: int = 0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    words = CORPUS_WORDS + VISION_WORDS * 4 if vision else CORPUS_WORDS
+    tok.train_from_iterator(tokenizer_corpus(seed, words=words), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
+        additional_special_tokens=["<|im_start|>", *(VISION_TOKENS if vision else [])],
     )
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = VL_TEMPLATE if vision else CHATML_TEMPLATE
     return fast
 
 
+def build_tiny_vl(params: dict, out: Path) -> None:
+    """Random-init Qwen2-VL or Qwen2.5-VL (vision tower, merger, language model) with the tiny
+    tokenizer and Qwen2-VL's image processor, saved as the hub's checkpoints are laid out
+    (config, weights, tokenizer with chat template, preprocessor_config.json)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = build_tokenizer(params.get("vocab_size", 1024), params.get("seed", 0), vision=True)
+    arch = params["architecture"]
+    hidden, heads = params.get("hidden_size", 128), params.get("num_attention_heads", 4)
+    half = hidden // heads // 2  # M-RoPE splits each head's rotary half over time, height and width
+    text = {"intermediate_size": 4 * hidden, "num_hidden_layers": 4, "num_key_value_heads": heads,
+            "max_position_embeddings": 4096}  # unset sizes stay tiny (the config class defaults are 7B's)
+    text.update({k: params[k] for k in text if k in params})
+    text.update(hidden_size=hidden, num_attention_heads=heads, vocab_size=max(len(tokenizer), params.get("padded_vocab_size") or 0),
+                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]})
+    width, depth = params.get("vision_hidden_size", 64), params.get("vision_layers", 2)
+    vheads = params.get("vision_attention_heads", 4)
+    if arch == "qwen2_vl":
+        vision = dict(depth=depth, embed_dim=width, hidden_size=hidden, num_heads=vheads, mlp_ratio=2)
+    else:  # qwen2_5_vl: windowed attention, full attention in the last block
+        vision = dict(depth=depth, hidden_size=width, out_hidden_size=hidden, num_heads=vheads,
+                      intermediate_size=2 * width, fullatt_block_indexes=[depth - 1])
+    ids = dict(zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+                   tokenizer.convert_tokens_to_ids(VISION_TOKENS)))
+    config = AutoConfig.for_model(arch, text_config=text, vision_config=vision,
+                                  tie_word_embeddings=params.get("tie_word_embeddings", True), **ids)
+    torch.manual_seed(params.get("seed", 0))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[params.get("dtype", "fp32")]
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    pixels = params.get("max_pixels", 112 * 112)
+    processor = Qwen2VLImageProcessorPil(min_pixels=min(56 * 56, pixels), max_pixels=pixels)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 def build_tiny(params: dict, out: Path) -> None:
-    """Random-init model of a real architecture (qwen2 or llama) plus a locally trained tokenizer."""
+    """Random-init model of a real architecture (qwen2 or llama, or a vision-language one: see
+    build_tiny_vl) plus a locally trained tokenizer."""
+    if params.get("architecture") in VISION_ARCHITECTURES:
+        return build_tiny_vl(params, out)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from snaketune import kernels
+from snaketune import kernels, vision
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune.registry import FULL_TYPES, LORA_TYPES
@@ -78,15 +78,18 @@ def tokenize_pt(text: str, tokenizer, max_length: int) -> dict:
 
 
 def tokenize_dataset(data_dirs: list[Path], stage: str, tokenizer, max_length: int, policy: str,
-                     system: str | None = None):
+                     system: str | None = None, images: vision.Images | None = None):
     """Tokenize the stage's split of every dataset folder (a mix is concatenated; the trainer
-    shuffles with the seed); apply the ``truncate``/``drop`` policy; returns (rows, stats)."""
+    shuffles with the seed); apply the ``truncate``/``drop`` policy; returns (rows, stats).
+    With ``images`` (a vision-language model's image processor) rows keep their image files."""
     split = "pretrain" if stage == "pt" else "train"
     rows = []
     for data_dir in map(Path, data_dirs):
         for r in read_jsonl(data_dir / f"{split}.jsonl"):
             if stage == "pt":
                 rows.append(tokenize_pt(r["text"], tokenizer, max_length))
+            elif images:
+                rows.append(vision.tokenize_row(r, data_dir, tokenizer, images, max_length, system))
             else:
                 rows.append(tokenize_sft(r["messages"], tokenizer, max_length, system, r.get("tools")))
     cut = [r.pop("truncated") for r in rows]
@@ -123,15 +126,18 @@ def cache_key(data_dirs: list[Path], stage: str, base: str, tokenizer, recipe: d
         "system": recipe.get("system"),
         "labels": LABELS_VERSION,
     }
+    if (Path(base) / "preprocessor_config.json").is_file():  # a vision-language model: image token counts
+        parts["image_processor"] = sha256_file(Path(base) / "preprocessor_config.json")
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def tokenized(data_dirs: list[str], stage: str, base: str, tokenizer, recipe: dict, cache_dir: str | None):
+def tokenized(data_dirs: list[str], stage: str, base: str, tokenizer, recipe: dict, cache_dir: str | None,
+              images: vision.Images | None = None):
     """Tokenized rows and stats, from ``cache_dir/<content hash>`` when an earlier run made them."""
     from datasets import Dataset, load_from_disk
 
     args = ([Path(d) for d in data_dirs], stage, tokenizer, recipe.get("max_length", 2048),
-            recipe.get("truncation", "truncate"), recipe.get("system"))
+            recipe.get("truncation", "truncate"), recipe.get("system"), images)
     if not cache_dir:
         rows, stats = tokenize_dataset(*args)
         return Dataset.from_list(rows), stats
@@ -180,22 +186,24 @@ def saved_dtype(base: str, recipe: dict) -> str | None:
 def load_model(base: str, recipe: dict, dtype, cuda: bool):
     """Load the base model: for full/freeze fp32 master weights (``master_weights: fp32``) or
     weights in ``dtype`` (``master_weights: dtype``, pure bf16 as torchtune does), the frozen base
-    in ``dtype`` for the LoRA family, or 4/8-bit through bitsandbytes for ``qlora``."""
-    from transformers import AutoModelForCausalLM
+    in ``dtype`` for the LoRA family, or 4/8-bit through bitsandbytes for ``qlora``. A
+    vision-language model loads whole (vision tower, merger, language model)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForImageTextToText if vision.is_vision(base) else AutoModelForCausalLM
     if recipe.get("train_type") in FULL_TYPES and recipe.get("master_weights", "fp32") == "fp32":
         # trained weights stay fp32; bf16/fp16 runs compute under autocast. Pure-bf16 weights lose
         # AdamW updates smaller than bf16's precision (benchmarks/NOTES.md, strategies run).
         import torch
 
-        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        return auto.from_pretrained(base, dtype=torch.float32)
     if recipe.get("train_type") != "qlora":
-        return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        return auto.from_pretrained(base, dtype=dtype)
     from peft import prepare_model_for_kbit_training
 
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if cuda else None
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map=device_map,
-                                                 quantization_config=qlora_config(recipe.get("quantization", {}), dtype))
+    model = auto.from_pretrained(base, dtype=dtype, device_map=device_map,
+                                 quantization_config=qlora_config(recipe.get("quantization", {}), dtype))
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.get("gradient_checkpointing", False))
 
 
@@ -227,8 +235,9 @@ def freeze(model, spec: dict):
 def wrap_model(model, recipe: dict):
     """Apply the recipe's train_type: full, freeze, or a peft LoRA variant."""
     train_type = recipe.get("train_type", "lora")
+    vl = getattr(model.config, "vision_config", None) is not None
     if train_type == "full":
-        return model
+        return vision.freeze_parts(model, recipe) if vl else model
     if train_type == "freeze":
         return freeze(model, recipe.get("freeze", {}))
     if train_type not in LORA_TYPES:
@@ -240,7 +249,8 @@ def wrap_model(model, recipe: dict):
         r=lora.get("r", 8),
         lora_alpha=lora.get("alpha", 32),
         lora_dropout=lora.get("dropout", 0.0),
-        target_modules=lora.get("target_modules", "all-linear"),
+        target_modules=vision.lora_targets(model, recipe) if vl and lora.get("target_modules", "all-linear") == "all-linear"
+        else lora.get("target_modules", "all-linear"),
         modules_to_save=lora.get("modules_to_save"),
         use_dora=train_type == "dora",
         use_rslora=train_type == "rslora",
@@ -635,7 +645,9 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset, data_stats = tokenized(data, stage, base, tokenizer, recipe, cache_dir)
+    images = vision.Images(base) if stage == "sft" and vision.check_model(
+        base, [Path(d) / "train.jsonl" for d in data]) else None
+    dataset, data_stats = tokenized(data, stage, base, tokenizer, recipe, cache_dir, images)
     print(f"data: {data_stats['samples']} samples, {data_stats['tokens']:,} tokens, "
           f"{data_stats['truncated']} truncated, {data_stats['dropped']} dropped", flush=True)
 
@@ -643,6 +655,9 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     model = prepare_model(load_model(base, recipe, dtype, cuda), recipe, cuda)
     initial_adapter = keep_initial_adapter(model, recipe, checkpoints)
     speedups = kernels.resolve_options(recipe, cuda)
+    if images and speedups.get("packing"):
+        raise SnaketuneError("packing: true with image rows: padding-free batches of a vision-language model are not "
+                             "supported yet; set packing: false in the recipe")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
@@ -660,7 +675,8 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=kernels.PackedCollator(tokenizer.pad_token_id) if speedups.get("packing")
+        data_collator=vision.Collator(images, tokenizer.pad_token_id) if images
+        else kernels.PackedCollator(tokenizer.pad_token_id) if speedups.get("packing")
         else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[progress],
     )
@@ -704,7 +720,8 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "data": data_stats,
         "log_history": trainer.state.log_history,
     }
-    save(trainer, tokenizer, summary, Path(out), initial_adapter, saved_dtype(base, recipe))
+    save(trainer, tokenizer, summary, Path(out), initial_adapter, saved_dtype(base, recipe),
+         images.processor if images else None)
     return summary
 
 
@@ -732,11 +749,12 @@ def cast_saved_weights(folder: Path, dtype: str) -> None:
 
 
 def save(trainer, tokenizer, summary: dict, out: Path, initial_adapter: Path | None = None,
-         save_dtype: str | None = None) -> None:
+         save_dtype: str | None = None, image_processor=None) -> None:
     """Save through the trainer (it gathers FSDP/ZeRO-3 shards) into a temporary sibling that rank 0
     completes and renames into place. With ``initial_adapter`` (PiSSA/OLoRA) the adapter is saved
     converted: a plain LoRA of rank 2r that applies to the original base. With ``save_dtype`` (a
-    full model trained on fp32 master weights) the weights are saved cast to it."""
+    full model trained on fp32 master weights) the weights are saved cast to it. A vision-language
+    model's ``image_processor`` is saved beside the tokenizer."""
     partial = out.with_name(f".{out.name}.partial")
     if trainer.is_world_process_zero() and partial.exists():
         shutil.rmtree(partial)
@@ -752,6 +770,8 @@ def save(trainer, tokenizer, summary: dict, out: Path, initial_adapter: Path | N
         if save_dtype:
             cast_saved_weights(partial, save_dtype)
         tokenizer.save_pretrained(partial)
+        if image_processor is not None:
+            image_processor.save_pretrained(partial)
         (partial / "training_args.bin").unlink(missing_ok=True)
         write_json(partial / "training.json", summary)
         if out.exists():

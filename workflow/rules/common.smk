@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
-from snaketune.data import kinds
+from snaketune.data import image_files, kinds
 from snaketune.registry import LORA_TYPES, METHODS, STAGES
 
 min_version("9.0")
@@ -134,9 +134,15 @@ def _data_problems(name, recipe):
 
 
 def _model_problems(name, model):
-    """Tiny-model sizes that cannot build (checked here, not when the model step runs)."""
+    """Tiny-model sizes that cannot build (checked here, not when the model step runs), and a tiny
+    text model asked to train on or answer about the synthetic images."""
     if model["source"] != "tiny":
         return
+    if model["architecture"] not in ("qwen2_vl", "qwen2_5_vl"):
+        for dataset, block in config["datasets"].items():
+            if block["source"] == "synthetic" and block["task"] == "shapes":
+                yield (f"models.{name}.architecture: {model['architecture']} has no vision tower, but dataset "
+                       f"{dataset!r} (task: shapes) has images: use architecture qwen2_vl or qwen2_5_vl")
     heads, kv, hidden = (model.get(k) for k in ("num_attention_heads", "num_key_value_heads", "hidden_size"))
     if heads and kv and heads % kv:
         yield (f"models.{name}.num_key_value_heads: {kv} does not divide num_attention_heads {heads}: "
@@ -314,11 +320,13 @@ def _files(path):
 
 
 def dataset_files(wildcards):
-    """A local dataset's files (path, test_path): inputs of the data rule, so editing one reruns it."""
+    """A local dataset's files (path, test_path, and the images their rows name): inputs of the data
+    rule, so editing one reruns it."""
     block = config["datasets"][wildcards.dataset]
     if block["source"] != "local":
         return []
-    return [f for key in ("path", "test_path") if block.get(key) for f in _files(block[key])]
+    files = [f for key in ("path", "test_path") if block.get(key) for f in _files(block[key])]
+    return files + [i for f in files for i in image_files(f)]
 
 
 def model_files(wildcards):

@@ -1,0 +1,221 @@
+"""Vision-language models (Qwen2-VL, Qwen2.5-VL): what the train and evaluate steps do differently
+when the data has images.
+
+A row's images (``images``: paths relative to its dataset folder) go through the model folder's
+image processor; each image part of the chat template (one ``<|image_pad|>``) becomes as many
+image tokens as the processor makes for that image, never labelled. ``freeze_vision`` /
+``freeze_projector`` choose whether the vision tower and the merger (projector) train. The
+processor is the hub checkpoints' layout (tokenizer with chat template, preprocessor_config.json);
+images are read with the image processor's PIL backend, so torchvision is not needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from snaketune.errors import SnaketuneError
+
+VISION_PREFIX = "model.visual."  # Qwen2-VL / Qwen2.5-VL: the vision tower, its merger under .merger
+PROJECTOR = "model.visual.merger."
+
+
+def is_vision(folder: str | Path) -> bool:
+    """Whether a model folder holds a vision-language model (its config has a vision_config)."""
+    config = Path(folder) / "config.json"
+    return config.is_file() and "vision_config" in json.loads(config.read_text())
+
+
+def rows_with_images(path: Path) -> list[int]:
+    """Line numbers of the rows of a JSONL file that have images."""
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [n for n, line in enumerate(fh, 1) if line.strip() and json.loads(line).get("images")]
+
+
+def check_model(base: str | Path, files: list[Path]) -> bool:
+    """True when the data files have images (then the model must be a vision-language one; a
+    SnaketuneError naming the first such row otherwise)."""
+    for path in files:
+        lines = rows_with_images(path)
+        if lines and not is_vision(base):
+            raise SnaketuneError(f"{path}:{lines[0]}: field 'images': {len(lines)} row(s) have images, but the model "
+                                 f"{base} has no vision tower (no vision_config in its config.json): train a "
+                                 "vision-language model (e.g. models.<name>.architecture: qwen2_vl), or use a "
+                                 "dataset without images")
+    return any(rows_with_images(p) for p in files)
+
+
+class Images:
+    """A model folder's image processor and image token: pixels and token counts of image files."""
+
+    def __init__(self, folder: str | Path):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        config = json.loads((Path(folder) / "config.json").read_text())
+        if config.get("model_type") not in ("qwen2_vl", "qwen2_5_vl"):
+            raise SnaketuneError(f"{folder}: vision-language architecture {config.get('model_type')!r} is not one "
+                                 "snaketune reads images for: use qwen2_vl or qwen2_5_vl")
+        if not (Path(folder) / "preprocessor_config.json").is_file():
+            raise SnaketuneError(f"{folder} has no preprocessor_config.json (the image processor): copy it from "
+                                 "the base model's folder")
+        self.processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
+        self.token_id = config["image_token_id"]
+        self.merge = self.processor.merge_size ** 2
+        self.config_text = (Path(folder) / "preprocessor_config.json").read_text()
+
+    def pixels(self, paths: list[str]) -> dict:
+        """``pixel_values`` and ``image_grid_thw`` of image files, as the model takes them."""
+        from PIL import Image
+
+        images = []
+        for p in paths:
+            with Image.open(p) as img:
+                images.append(img.convert("RGB"))
+        return dict(self.processor(images=images, return_tensors="pt"))
+
+    def tokens(self, paths: list[str]) -> list[int]:
+        """How many image tokens each image becomes."""
+        if not paths:
+            return []
+        grid = self.pixels(paths)["image_grid_thw"]
+        return [int(g.prod()) // self.merge for g in grid]
+
+    def expand(self, ids: list[int], counts: list[int], labels: list[int] | None = None) -> tuple[list, list]:
+        """Repeat the k-th image token ``counts[k]`` times (labels -100)."""
+        out_ids, out_labels, k = [], [], 0
+        labels = labels if labels is not None else [-100] * len(ids)
+        for tok, lab in zip(ids, labels):
+            if tok == self.token_id:
+                out_ids += [tok] * counts[k]
+                out_labels += [-100] * counts[k]
+                k += 1
+            else:
+                out_ids.append(tok)
+                out_labels.append(lab)
+        if k != len(counts):
+            raise SnaketuneError(f"{k} image part(s) in the chat template's text for {len(counts)} image(s): the "
+                                 "model's chat template must render each image part as one image token")
+        return out_ids, out_labels
+
+
+def tokenize_row(row: dict, data_dir: Path, tokenizer, images: Images, max_length: int,
+                 system: str | None = None) -> dict:
+    """One SFT row with images: tokenized as text (labels on assistant turns only, see
+    train.tokenize_sft), each image token expanded to the image's tokens (-100). A cut at
+    ``max_length`` never splits an image: the cut moves before it and its image is dropped."""
+    from snaketune.train import tokenize_sft
+
+    paths = [str(data_dir / p) for p in row.get("images", [])]
+    enc = tokenize_sft(row["messages"], tokenizer, 10**9, system, row.get("tools"))
+    ids, labels = images.expand(enc["input_ids"], images.tokens(paths), enc["labels"])
+    cut = len(ids) > max_length
+    if cut:
+        ids, labels = ids[:max_length], labels[:max_length]
+        while ids and ids[-1] == images.token_id:  # the cut fell inside an image: drop that image's tokens
+            ids.pop()
+            labels.pop()
+        paths = paths[:_whole_images(ids, images.token_id)]
+    return {"input_ids": ids, "labels": labels, "images": paths, "truncated": cut}
+
+
+def _whole_images(ids: list[int], token_id: int) -> int:
+    """How many runs of image tokens ``ids`` holds."""
+    return sum(1 for i, t in enumerate(ids) if t == token_id and (i == 0 or ids[i - 1] != token_id))
+
+
+class Collator:
+    """Pads rows (right; labels -100) and adds their images' pixels, grids and the token types
+    that M-RoPE reads (1 for an image token)."""
+
+    def __init__(self, images: Images, pad_id: int):
+        self.images, self.pad_id = images, pad_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        pad = lambda seq, value: list(seq) + [value] * (width - len(seq))  # noqa: E731
+        ids = torch.tensor([pad(f["input_ids"], self.pad_id) for f in features])
+        batch = {"input_ids": ids,
+                 "attention_mask": torch.tensor([pad([1] * len(f["input_ids"]), 0) for f in features]),
+                 "labels": torch.tensor([pad(f["labels"], -100) for f in features]),
+                 "mm_token_type_ids": (ids == self.images.token_id).long()}
+        paths = [p for f in features for p in f["images"]]
+        if paths:
+            batch.update(self.images.pixels(paths))
+        return batch
+
+
+def lora_targets(model, recipe: dict) -> list[str]:
+    """The linear layers ``all-linear`` means for a vision-language model: the language model's,
+    the vision tower's unless ``freeze_vision``, the merger's unless ``freeze_projector`` (never
+    the LM head)."""
+    import torch
+
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        if name.startswith(PROJECTOR):
+            if recipe.get("freeze_projector", True):
+                continue
+        elif name.startswith(VISION_PREFIX) and recipe.get("freeze_vision", True):
+            continue
+        names.append(name)
+    return names
+
+
+def freeze_parts(model, recipe: dict):
+    """Full fine-tuning: the vision tower and the merger train only without ``freeze_vision`` /
+    ``freeze_projector``."""
+    for name, param in model.named_parameters():
+        if name.startswith(PROJECTOR):
+            param.requires_grad = not recipe.get("freeze_projector", True)
+        elif name.startswith(VISION_PREFIX):
+            param.requires_grad = not recipe.get("freeze_vision", True)
+    return model
+
+
+def text_of(content) -> str:
+    """A message's text (its text parts joined, ``<image>`` where an image was)."""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] if p["type"] == "text" else "<image>" for p in content)
+
+
+def generate(model_dir: str | Path, prompts: list[list[dict]], images: list[list[str]], max_new_tokens: int,
+             batch_size: int) -> list[str]:
+    """Greedy completions of chat prompts with images (paths), batched with left padding."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reader = Images(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto", device_map="cuda" if cuda else None)
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        rows = []
+        for msgs, paths in zip(prompts[i:i + batch_size], images[i:i + batch_size]):
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            rows.append(reader.expand(ids, reader.tokens(paths))[0])
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        batch = {"input_ids": ids, "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+                 "mm_token_type_ids": (ids == reader.token_id).long()}
+        paths = [p for ps in images[i:i + batch_size] for p in ps]
+        if paths:
+            batch.update(reader.pixels(paths))
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        with torch.no_grad():
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id)
+        outputs += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    return outputs
