@@ -251,3 +251,32 @@ def test_serving_runs_get_a_throughput_panel(tmp_path):
     train = [{"name": "m/sft", "tokens_per_s": 1000.0, "max_rss_mb": 800.0}]
     plot_throughput(train, runs, tmp_path / "t.png")
     assert png_size((tmp_path / "t.png").read_bytes())[0] >= 1400  # three panels
+
+
+def test_loss_plot_shows_the_held_out_loss_of_eval_steps(tmp_path, monkeypatch):
+    """A training.json with eval_loss entries (eval_steps) gives a second, labelled line in its
+    panel; a run without them keeps one line and no legend."""
+    import json
+
+    from snaketune.report import plot_loss, training_runs
+
+    results = tmp_path / "results"
+    history = {"with": [{"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.5}, {"step": 4, "loss": 1.5},
+                        {"step": 4, "eval_loss": 2.1}],
+               "without": [{"step": 2, "loss": 2.0}, {"step": 4, "loss": 1.5}]}
+    dirs = []
+    for recipe, log in history.items():
+        folder = results / "m" / recipe / "adapter"
+        folder.mkdir(parents=True)
+        (folder / "training.json").write_text(json.dumps({"stage": "sft", "train_type": "lora", "log_history": log}))
+        dirs.append(str(folder))
+    runs = training_runs(dirs, results)
+    assert [(r["name"], r["eval_steps"], r["eval_loss"]) for r in runs] == [("m/with", [2, 4], [2.5, 2.1]),
+                                                                             ("m/without", [], [])]
+    drawn = []
+    monkeypatch.setattr(report_module, "_save", lambda fig, path: drawn.append(fig))
+    plot_loss(runs, tmp_path / "loss.png")
+    with_, without = drawn[0].axes[:2]
+    assert [list(line.get_ydata()) for line in with_.get_lines()] == [[2.0, 1.5], [2.5, 2.1]]
+    assert [t.get_text() for t in with_.get_legend().get_texts()] == ["training loss", "held-out loss (eval_steps)"]
+    assert len(without.get_lines()) == 1 and without.get_legend() is None

@@ -498,3 +498,48 @@ def test_full_fine_tune_of_a_bf16_base_is_saved_in_bf16(tiny_data, tmp_path):
     base = load_file(tmp_path / "base" / "model.safetensors")
     assert any(not torch.equal(weights[k], base[k]) for k in base)  # the training is in the saved weights
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
+
+
+def test_eval_steps_logs_the_held_out_loss_and_leaves_training_as_it_was(tiny_model, tiny_data, tmp_path, capsys):
+    """eval_steps: the loss on the data step's test.jsonl every N steps and at the end, in the log,
+    MLflow (eval_loss), training.json; the training itself (losses, weights) is the run without it."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    from snaketune.tracking import MemoryRun
+
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 12, "logging_steps": 4}
+    plain = train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "plain"), str(tmp_path / "plain.ckpt"))
+    capsys.readouterr()
+    run = MemoryRun()
+    evald = train(str(tiny_model), [str(tiny_data)], {**recipe, "eval_steps": 5}, str(tmp_path / "eval"),
+                  str(tmp_path / "eval.ckpt"), run)
+    out = capsys.readouterr().out
+    assert "held-out data for eval_steps (test.jsonl): 20 samples" in out  # the 20 held-out sums
+    evals = [(h["step"], h["eval_loss"]) for h in evald["log_history"] if "eval_loss" in h]
+    assert [s for s, _ in evals] == [5, 10, 12] and all(math.isfinite(v) and v > 0 for _, v in evals)
+    assert [f"eval {s}/12 | eval_loss {v:.4f} (held-out)" for s, v in evals] == \
+        [ln for ln in out.splitlines() if ln.startswith("eval ")]
+    assert run.metrics["eval_loss"] == [v for _, v in evals] and evald["eval_loss"] == evals[-1][1]
+    assert json.loads((tmp_path / "eval/training.json").read_text())["eval_loss"] == evals[-1][1]
+    assert plain["eval_loss"] is None
+    losses = [[(h["step"], h["loss"]) for h in r["log_history"] if "loss" in h] for r in (plain, evald)]
+    assert losses[0] == losses[1]
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "eval"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_steps_without_a_held_out_split_names_the_fix(tiny_model, tmp_path):
+    from snaketune.data import prepare
+
+    data = tmp_path / "data"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
+                                                     {"role": "assistant", "content": str(i + 1)}]}) + "\n"
+                            for i in range(20)))
+    prepare({"source": "local", "path": str(rows), "format": "messages", "test_size": 0}, data)
+    with pytest.raises(SnaketuneError, match=r"eval_steps: the held-out split \(test.jsonl\) of .* is empty: give "
+                                             "those datasets a test_size above 0 or a test_path"):
+        train(str(tiny_model), [str(data)], {**RECIPE, "train_type": "lora", "eval_steps": 2}, str(tmp_path / "o"))

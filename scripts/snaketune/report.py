@@ -2,7 +2,8 @@
 
 Reads the finished study and writes into ``--out``:
 
-- ``loss.png``: the training loss per step of every training run, one panel per run;
+- ``loss.png``: the training loss per step of every training run, one panel per run (with the
+  held-out loss of recipes that set ``eval_steps``);
 - ``eval_scores.png``: every eval score across variants (base / SFT / aligned / quantized), one
   panel per (model, bench), the value written on each bar, the colours (base, trained, quantized)
   in a legend; a cell whose step failed is a FAILED label at zero;
@@ -43,6 +44,7 @@ def training_runs(train_dirs: list[str], results: Path) -> list[dict]:
             else folder
         model, recipe = rel.parts[0], rel.parts[1]
         steps = [(h["step"], h["loss"]) for h in t.get("log_history", []) if "loss" in h]
+        evals = [(h["step"], h["eval_loss"]) for h in t.get("log_history", []) if "eval_loss" in h]
         bench = results / "benchmarks" / model / recipe / "train.tsv"
         runs.append({
             "name": f"{model}/{recipe}",
@@ -50,6 +52,8 @@ def training_runs(train_dirs: list[str], results: Path) -> list[dict]:
             "train_type": t.get("train_type"),
             "steps": [s for s, _ in steps],
             "loss": [loss for _, loss in steps],
+            "eval_steps": [s for s, _ in evals],  # the held-out loss of recipes with eval_steps
+            "eval_loss": [loss for _, loss in evals],
             "final_loss": t.get("final_loss"),
             "tokens_per_s": t.get("tokens_per_s"),
             "seconds": t.get("wall_seconds"),
@@ -118,12 +122,16 @@ def plot_loss(runs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
     for ax, run in zip(axes.flat, runs):
         if run["steps"]:
-            ax.plot(run["steps"], run["loss"], marker="o", markersize=3)
+            ax.plot(run["steps"], run["loss"], marker="o", markersize=3, label="training loss")
         else:
             ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
+        if run.get("eval_steps"):
+            ax.plot(run["eval_steps"], run["eval_loss"], marker="s", markersize=4, color="#dd8452",
+                    label="held-out loss (eval_steps)")
+            ax.legend(loc="upper right", fontsize="small")
         ax.set_title(f"{run['name']} ({run['stage']}, {run['train_type']})")
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel("loss")
     for ax in list(axes.flat)[len(runs):]:
         ax.axis("off")
     if not runs:

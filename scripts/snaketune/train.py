@@ -78,11 +78,12 @@ def tokenize_pt(text: str, tokenizer, max_length: int) -> dict:
 
 
 def tokenize_dataset(data_dirs: list[Path], stage: str, tokenizer, max_length: int, policy: str,
-                     system: str | None = None, images: vision.Images | None = None):
+                     system: str | None = None, images: vision.Images | None = None, split: str | None = None):
     """Tokenize the stage's split of every dataset folder (a mix is concatenated; the trainer
     shuffles with the seed); apply the ``truncate``/``drop`` policy; returns (rows, stats).
-    With ``images`` (a vision-language model's image processor) rows keep their image files."""
-    split = "pretrain" if stage == "pt" else "train"
+    With ``images`` (a vision-language model's image processor) rows keep their image files.
+    ``split`` names another file of the folders (the held-out ``HELD_OUT[stage]``)."""
+    split = split or ("pretrain" if stage == "pt" else "train")
     rows = []
     for data_dir in map(Path, data_dirs):
         for r in read_jsonl(data_dir / f"{split}.jsonl"):
@@ -111,11 +112,11 @@ def tokenize_dataset(data_dirs: list[Path], stage: str, tokenizer, max_length: i
     return kept, stats
 
 
-def cache_key(data_dirs: list[Path], stage: str, base: str, tokenizer, recipe: dict) -> str:
+def cache_key(data_dirs: list[Path], stage: str, base: str, tokenizer, recipe: dict, split: str | None = None) -> str:
     """Content hash of everything tokenization depends on: data, tokenizer, template, length policy."""
     from snaketune.model import sha256_file
 
-    split = "pretrain" if stage == "pt" else "train"
+    split = split or ("pretrain" if stage == "pt" else "train")
     parts = {
         "data": [sha256_file(Path(d) / f"{split}.jsonl") for d in data_dirs],
         "tokenizer": {f.name: sha256_file(f) for f in sorted(Path(base).glob("tokenizer*"))},
@@ -132,16 +133,16 @@ def cache_key(data_dirs: list[Path], stage: str, base: str, tokenizer, recipe: d
 
 
 def tokenized(data_dirs: list[str], stage: str, base: str, tokenizer, recipe: dict, cache_dir: str | None,
-              images: vision.Images | None = None):
+              images: vision.Images | None = None, split: str | None = None):
     """Tokenized rows and stats, from ``cache_dir/<content hash>`` when an earlier run made them."""
     from datasets import Dataset, load_from_disk
 
     args = ([Path(d) for d in data_dirs], stage, tokenizer, recipe.get("max_length", 2048),
-            recipe.get("truncation", "truncate"), recipe.get("system"), images)
+            recipe.get("truncation", "truncate"), recipe.get("system"), images, split)
     if not cache_dir:
         rows, stats = tokenize_dataset(*args)
         return Dataset.from_list(rows), stats
-    folder = Path(cache_dir) / cache_key(args[0], stage, base, tokenizer, recipe)
+    folder = Path(cache_dir) / cache_key(args[0], stage, base, tokenizer, recipe, split)
     if (folder / "stats.json").is_file():
         print(f"tokenized data from cache {folder}", flush=True)
         return load_from_disk(str(folder / "rows")), json.loads((folder / "stats.json").read_text())
@@ -151,6 +152,26 @@ def tokenized(data_dirs: list[str], stage: str, base: str, tokenizer, recipe: di
         dataset.save_to_disk(str(tmp / "rows"))
         write_json(tmp / "stats.json", stats)
     return load_from_disk(str(folder / "rows")), stats
+
+
+HELD_OUT = {"sft": "test", "pt": "pretrain_test"}  # the data step's held-out file of each stage's rows
+
+
+def held_out(data_dirs: list[str], stage: str, base: str, tokenizer, recipe: dict, cache_dir: str | None,
+             images: vision.Images | None = None):
+    """The rows ``eval_steps`` evaluates the loss on: the data step's held-out split of each
+    dataset (``test.jsonl``; ``pretrain_test.jsonl`` for pt), never trained on. Benches that score
+    ``split: test`` read the same rows; the loss is only observed (no early stopping, no choice of
+    checkpoint), so the trained weights and the bench's score do not depend on it."""
+    split = HELD_OUT[stage]
+    empty = [d for d in data_dirs if not (Path(d) / f"{split}.jsonl").is_file()
+             or not (Path(d) / f"{split}.jsonl").read_text(encoding="utf-8").strip()]
+    if empty:
+        raise SnaketuneError(f"eval_steps: the held-out split ({split}.jsonl) of {', '.join(map(str, empty))} is empty: "
+                             "give those datasets a test_size above 0 or a test_path, or drop eval_steps from the recipe")
+    dataset, stats = tokenized(data_dirs, stage, base, tokenizer, recipe, cache_dir, images, split)
+    print(f"held-out data for eval_steps ({split}.jsonl): {len(dataset)} samples, {stats['tokens']:,} tokens", flush=True)
+    return dataset
 
 
 def pick_dtype(recipe: dict, cuda: bool):
@@ -350,6 +371,8 @@ def trainer_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, t
         adam_beta2=recipe.get("adam_beta2", 0.999),
         adam_epsilon=recipe.get("adam_epsilon", 1e-8),
         include_num_input_tokens_seen="non_padding",
+        **({"eval_strategy": "steps", "eval_steps": recipe["eval_steps"], "prediction_loss_only": True,
+            "per_device_eval_batch_size": recipe.get("batch_size", 8)} if recipe.get("eval_steps") else {}),
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -473,6 +496,7 @@ def make_callback(run, preempted: Preempted, total_steps: int):
             self.k0 = 0
             self.marks = {}  # "begin" / "warm" / "end" -> (step, tokens, perf_counter)
             self.last_log = None
+            self.eval_seconds = 0.0  # held-out evaluations inside the steady-state window
 
         def _mark(self, name, state):
             _sync()
@@ -482,6 +506,7 @@ def make_callback(run, preempted: Preempted, total_steps: int):
             self.start_step = state.global_step
             self.k0 = min(WARMUP_STEPS, max(state.max_steps - state.global_step, 0) // 2)
             self.marks = {}
+            self.eval_seconds = 0.0
             self._mark("begin", state)
             self.t0 = self.marks["begin"][2]
             self.last_log = self.marks["begin"]
@@ -510,6 +535,11 @@ def make_callback(run, preempted: Preempted, total_steps: int):
                 self.last_log = (state.global_step, seen, now)
                 logs["interval_tokens_per_s"] = tps
             run.log_metrics({k: v for k, v in logs.items() if k != "epoch"}, step=state.global_step)
+            if "eval_loss" in logs:
+                if ("warm" in self.marks or not self.k0) and "end" not in self.marks:  # left out of the steady rate
+                    self.eval_seconds += logs.get("eval_runtime", 0.0)
+                print(f"eval {state.global_step}/{total_steps} | eval_loss {logs['eval_loss']:.4f} (held-out)",
+                      flush=True)
             if "loss" in logs:
                 done = state.global_step - (self.start_step or 0)
                 eta = (total_steps - state.global_step) * (now - self.t0) / max(done, 1)
@@ -525,10 +555,12 @@ def make_callback(run, preempted: Preempted, total_steps: int):
                 return {"tokens_per_s": None, "warmup_seconds": None, "warmup_steps": 0,
                         "steady_steps": 0, "steady_tokens": 0, "steady_seconds": None}
             warm = self.marks.get("warm", begin)
-            steps, toks, secs = end[0] - warm[0], end[1] - warm[1], end[2] - warm[2]
+            steps, toks = end[0] - warm[0], end[1] - warm[1]
+            secs = end[2] - warm[2] - self.eval_seconds  # held-out evaluations (eval_steps) left out
             return {"tokens_per_s": toks / secs if toks and secs > 0 else None,
                     "warmup_seconds": warm[2] - begin[2], "warmup_steps": warm[0] - begin[0],
-                    "steady_steps": steps, "steady_tokens": toks, "steady_seconds": secs}
+                    "steady_steps": steps, "steady_tokens": toks, "steady_seconds": secs,
+                    "eval_seconds": self.eval_seconds}
 
     return Progress()
 
@@ -650,6 +682,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     dataset, data_stats = tokenized(data, stage, base, tokenizer, recipe, cache_dir, images)
     print(f"data: {data_stats['samples']} samples, {data_stats['tokens']:,} tokens, "
           f"{data_stats['truncated']} truncated, {data_stats['dropped']} dropped", flush=True)
+    eval_dataset = held_out(data, stage, base, tokenizer, recipe, cache_dir, images) if recipe.get("eval_steps") else None
 
     torch.manual_seed(seed)
     model = prepare_model(load_model(base, recipe, dtype, cuda), recipe, cuda)
@@ -675,6 +708,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=vision.Collator(images, tokenizer.pad_token_id) if images
         else kernels.PackedCollator(tokenizer.pad_token_id) if speedups.get("packing")
         else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
@@ -697,6 +731,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         sys.exit(EXIT_REQUEUE)
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     wall = time.perf_counter() - t0
     summary = {
         "stage": stage,
@@ -706,6 +741,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "train_loss": result.training_loss,
         "first_loss": losses[0] if losses else result.training_loss,
         "final_loss": losses[-1] if losses else result.training_loss,
+        "eval_loss": eval_losses[-1] if eval_losses else None,  # the last held-out loss (eval_steps)
         "tokens": trainer.state.num_input_tokens_seen,
         "wall_seconds": wall,  # the whole trainer.train(): warm-up, steps, checkpoint saves
         **progress.timing(),  # tokens_per_s: steady state, after the warm-up steps, before any save
