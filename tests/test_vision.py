@@ -207,6 +207,29 @@ def test_freeze_keys_choose_what_trains(vl_model):
     assert trainable({"train_type": "lora", "freeze_projector": False}) == {"language_model", "visual.merger"}
 
 
+def test_fp8_quantizes_the_language_model_only(vl_model, tmp_path):
+    from safetensors import safe_open
+
+    from snaketune.evaluate import evaluate
+    from snaketune.quantize import quantize
+
+    prepare({"source": "synthetic", "task": "shapes", "n_train": 4, "n_test": 4}, tmp_path / "d")
+    with pytest.raises(SnaketuneError, match="quantized with fp8 only so far"):
+        quantize(str(vl_model), str(tmp_path / "d"), {"method": "gptq"}, tmp_path / "gptq")
+    quantize(str(vl_model), None, {"method": "fp8"}, tmp_path / "q")
+    with safe_open(str(tmp_path / "q/model.safetensors"), "pt") as f:
+        dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys() if k.endswith("proj.weight") or "merger.mlp" in k}
+    assert {d for k, d in dtypes.items() if "visual" in k} == {"F32"}
+    assert {d for k, d in dtypes.items() if "layers" in k} == {"F8_E4M3"}
+    assert (tmp_path / "q/preprocessor_config.json").is_file()
+    from transformers import AutoModelForImageTextToText
+
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "q")  # as transformers (and vLLM) read it
+    scales = [n for n, _ in loaded.named_parameters() if n.endswith("weight_scale")]
+    assert scales and not [n for n in scales if "visual" in n]
+    assert evaluate(str(tmp_path / "q"), str(tmp_path / "d"), {"name": "s", "max_new_tokens": 2})["n"] == 4
+
+
 @pytest.mark.learning
 @pytest.mark.parametrize("train_type", ["full", "lora"])
 def test_sft_learns_colours_from_images(train_type, vl_model, shapes, tmp_path):
@@ -264,11 +287,14 @@ def test_vision_study_beats_its_base_after_sft(vision_study):
     for variant in ("sft-full", "sft-lora"):
         record_learning(f"vision study {variant} held-out accuracy gain", scores[variant] - scores["base"], 0.5)
         assert scores[variant] > scores["base"] + 0.5, scores
+    fp8 = json.loads((res / "sft-full/fp8/eval/shapes.json").read_text())["score"]
+    record_learning("vision study sft-full/fp8 held-out accuracy gain", fp8 - scores["base"], 0.5)
+    assert fp8 > scores["base"] + 0.5, (fp8, scores)
     merged = res / "sft-lora/model"
     assert (merged / "preprocessor_config.json").read_text() == (res / "base/model/preprocessor_config.json").read_text()
     assert (merged / "chat_template.jinja").read_text() == (res / "base/model/chat_template.jinja").read_text()
     rows = json.loads((vision_study / "results/summary.json").read_text())["rows"]
-    assert {r["variant"] for r in rows} == {"base", "sft-full", "sft-lora"}
+    assert {r["variant"] for r in rows} == {"base", "sft-full", "sft-lora", "sft-full/fp8"}
 
 
 @pytest.mark.slow

@@ -15,6 +15,10 @@ Calibration text comes from ``DATA/train.jsonl`` (``{"messages": [...]}`` rows) 
 model's chat template; ``calibration.samples`` rows are drawn with ``calibration.seed`` and cut to
 ``calibration.max_length`` tokens. The output folder gets ``quantization.json`` with the method,
 scheme, library and version, the sha256 of the calibration set and the size on disk.
+
+A vision-language model (Qwen2-VL, Qwen2.5-VL) is quantized in its language model only: the vision
+tower and merger stay unquantized, as vLLM expects; its image processor config is copied along.
+Only ``fp8`` (data-free) takes one so far.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -32,6 +37,7 @@ from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune.model import check_weights
 from snaketune.registry import METHODS
+from snaketune.vision import is_vision
 
 NF4_CPU_BLOCK = 64  # input-width granularity of bitsandbytes' 4-bit CPU kernels
 DEFAULT_CALIBRATION = {"samples": 64, "seed": 0, "max_length": 256}
@@ -169,7 +175,13 @@ def quantize_llmc(model_dir: str, texts: list[str], method: str, params: dict, o
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    if is_vision(model_dir):
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto")
+        params = {**params, "ignore": [*params.get("ignore", ["lm_head"]), r"re:model\.visual\..*"]}
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     check_group_size(model, method, params)
     recipe = build_recipe(method, params)
     kwargs = {}
@@ -186,6 +198,15 @@ def quantize_llmc(model_dir: str, texts: list[str], method: str, params: dict, o
         oneshot(model=model, recipe=recipe, **kwargs)
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
+    if is_vision(model_dir):
+        # the saved ignore list names the vision layers as the checkpoint does (visual.*), but transformers
+        # matches it against the loaded model's names (model.visual.*): without one pattern for both it
+        # quantizes the vision tower at load, with scales that are not in the checkpoint
+        config = json.loads((out / "config.json").read_text())
+        ignore = config["quantization_config"]["ignore"]
+        config["quantization_config"]["ignore"] = [n for n in ignore if "visual." not in n] + [r"re:(model\.)?visual\..*"]
+        write_json(out / "config.json", config)
+        shutil.copy2(Path(model_dir) / "preprocessor_config.json", out / "preprocessor_config.json")
     import compressed_tensors
     import llmcompressor
 
@@ -249,6 +270,9 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
     if not (Path(model_dir) / "config.json").is_file():
         raise SnaketuneError(f"quantize --model {model_dir} is not an HF model folder (no config.json)")
     check_weights(model_dir, "quantize")
+    if method != "fp8" and is_vision(model_dir):
+        raise SnaketuneError(f"quantize method {method}: vision-language models ({model_dir}) are quantized with fp8 "
+                             "only so far (language model only, data-free); use method: fp8")
     # the workflow passes the study seed as params.seed; calibration.seed wins if given
     cal = {**DEFAULT_CALIBRATION, "seed": int(params.get("seed", 0)), **(params.get("calibration") or {})}
     start = time.time()
