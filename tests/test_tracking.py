@@ -198,3 +198,44 @@ def test_a_store_locked_past_the_step_keeps_its_calls_in_a_file(tmp_path, monkey
     calls = json.loads(pending.read_text())["calls"]
     assert {"kind": "metrics", "args": [{"loss": 1.5}, 7, calls[1]["args"][2]]} in calls or \
         any(c["kind"] == "metrics" and c["args"][0] == {"loss": 1.5} for c in calls)
+
+
+def test_a_step_with_a_resume_file_is_one_run_across_restarts(tmp_path, monkeypatch):
+    """step_run(resume=FILE): a stop with a checkpoint (exit 75) ends the run KILLED, a failure
+    FAILED; the next invocation reopens that run (error tag gone, restarts counted) and a finished
+    run forgets the file, so the invocation after it is a new run. A file of another store is not
+    reopened."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("SNAKETUNE_TRACKING", json.dumps({"uri": uri, "experiment": "exp"}))
+    resume = tmp_path / "ckpt" / "mlflow_run.json"
+    with pytest.raises(SystemExit):
+        with step_run("train", {"lr": 1}, resume) as run:
+            run.log_metrics({"loss": 3.0}, step=1)
+            raise SystemExit(75)
+    [first] = _runs(uri, "exp")
+    assert first.info.status == "KILLED" and "stopped" in first.data.tags
+    assert json.loads(resume.read_text())["run_id"] == first.info.run_id
+    with pytest.raises(RuntimeError):
+        with step_run("train", {"lr": 1}, resume) as run:
+            run.log_metrics({"loss": 2.0}, step=2)
+            raise RuntimeError("out of memory")
+    [again] = _runs(uri, "exp")
+    assert again.info.run_id == first.info.run_id and again.info.status == "FAILED"
+    assert again.data.tags["error"] == "RuntimeError: out of memory" and again.data.tags["snaketune.resumes"] == "1"
+    with step_run("train", {"lr": 1}, resume) as run:
+        run.log_metrics({"loss": 1.0}, step=3)
+    [done] = _runs(uri, "exp")
+    assert done.info.run_id == first.info.run_id and done.info.status == "FINISHED"
+    assert "error" not in done.data.tags and done.data.tags["snaketune.resumes"] == "2"
+    history = mlflow.MlflowClient(uri).get_metric_history(done.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.0), (3, 1.0)]
+    assert not resume.exists()
+    with step_run("train", {"lr": 1}, resume):
+        pass
+    assert len(_runs(uri, "exp")) == 2  # a finished training's next invocation is a new run
+    resume.write_text(json.dumps({"uri": "sqlite:////elsewhere.db", "experiment": "exp", "run_id": first.info.run_id}))
+    with step_run("train", {"lr": 1}, resume):
+        pass
+    assert len(_runs(uri, "exp")) == 3

@@ -139,11 +139,19 @@ def test_interrupted_run_resumes_to_the_same_adapter(sig, tiny_model, tiny_data,
             break
     rest = proc.communicate(timeout=300)[0]
     assert not out.exists()
+    import mlflow
+
+    client = mlflow.MlflowClient(json.loads(os.environ["SNAKETUNE_TRACKING"])["uri"])
+    experiment = client.get_experiment_by_name("test").experiment_id
+    [stopped] = client.search_runs([experiment])
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
+        assert stopped.info.status == "RUNNING"  # nothing ran to end it
     else:
         assert proc.returncode == EXIT_REQUEUE, rest
         assert "rerun to resume" in rest
+        assert stopped.info.status == "KILLED" and "a rerun resumes it in this run" in stopped.data.tags["stopped"]
+    assert json.loads((ckpt / "mlflow_run.json").read_text())["run_id"] == stopped.info.run_id
     saved = sorted(ckpt.glob("checkpoint-*"))
     assert saved, f"no checkpoint left after {sig.name}"
 
@@ -151,6 +159,13 @@ def test_interrupted_run_resumes_to_the_same_adapter(sig, tiny_model, tiny_data,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from" in done.stdout
+    # one MLflow run for the whole training: the stopped run, continued and FINISHED
+    [run] = client.search_runs([experiment])
+    assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["snaketune.resumes"] == "1" and "error" not in run.data.tags
+    logged = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert {4, 8, 12, 36, 40} <= logged  # before the stop and after the resume
+    assert not (ckpt / "mlflow_run.json").exists()  # a later training is a new run
     a, b = load_file(ref / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:

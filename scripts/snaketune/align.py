@@ -44,7 +44,7 @@ from pathlib import Path
 from snaketune.errors import SnaketuneError, cli
 from snaketune.registry import LORA_TYPES, STAGES
 from snaketune.tracking import NullRun
-from snaketune.train import (EXIT_REQUEUE, Preempted, claim_checkpoints, inputs_fingerprint,
+from snaketune.train import (EXIT_REQUEUE, Preempted, claim_checkpoints, inputs_fingerprint, tracking_resume,
                              keep_initial_adapter, latest_checkpoint, load_model, make_callback, pick_dtype,
                              read_jsonl, save, saved_dtype, trainer_args, wrap_model)
 
@@ -602,7 +602,7 @@ def main(argv=None):
     recipe = json.loads(args.params)
     from snaketune.tracking import step_run
 
-    with step_run("align", recipe) as run:
+    with step_run("align", recipe, tracking_resume(args.out, args.checkpoints, recipe, [args.base, *args.data])) as run:
         s = align(args.base, args.data, recipe, args.out, args.checkpoints, run)
         run.log_metrics({k: v for k, v in s.items() if k.startswith(("first_", "final_")) or
                          k in ("train_loss", "tokens_per_s", "wall_seconds", "warmup_seconds", "steps",

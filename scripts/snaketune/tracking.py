@@ -6,7 +6,8 @@ object ``{"uri": ..., "experiment": ..., "tags": {...}, "models": N}``, and name
 ``evaluate sft-lora/fp8 · arith``; the model leads the path when the study has several). Without
 them, steps log to ``$MLFLOW_TRACKING_URI`` or to the embedded default ``sqlite:///results/mlflow.db``,
 in a run named after the step. A failed step's run ends FAILED with the error's first line as tag
-``error``.
+``error``; a training keeps its run id in its checkpoint folder and a resumed training continues
+that run (``step_run(resume=...)``).
 """
 
 from __future__ import annotations
@@ -107,11 +108,12 @@ class _Tracker:
     ``SNAKETUNE_TRACKING_WAIT`` seconds (default 120); what is still undone then is written to
     ``mlflow-pending/`` beside the store with a warning, and the step ends as it would have."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict):
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict, resume: Path | None = None):
         import queue
         import threading
 
         self.uri, self.experiment, self.run_name, self.tags = uri, experiment, run_name, tags
+        self.resume = resume
         self.run_id: str | None = None
         self.client = None
         self.queue: queue.Queue = queue.Queue()
@@ -134,8 +136,15 @@ class _Tracker:
                 self.client = mlflow.MlflowClient(self.uri)
         client = self.client
         if self.run_id is None:
-            exp = client.get_experiment_by_name(self.experiment)
-            self.run_id = client.create_run(exp.experiment_id, tags=self.tags, run_name=self.run_name).info.run_id
+            self.run_id = self._reopen(client)
+            if self.run_id is None:
+                exp = client.get_experiment_by_name(self.experiment)
+                self.run_id = client.create_run(exp.experiment_id, tags=self.tags, run_name=self.run_name).info.run_id
+                if self.resume:
+                    from snaketune.atomic import write_json
+
+                    write_json(self.resume, {"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id,
+                                             "run_name": self.run_name})
         if kind == "metrics":
             metrics, step, ts = args
             client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
@@ -148,6 +157,35 @@ class _Tracker:
             shutil.rmtree(Path(args[0]).parent, ignore_errors=True)
         elif kind == "end":
             client.set_terminated(self.run_id, args[0])
+        elif kind == "forget":  # the step finished: a later invocation is a new run
+            self.resume.unlink(missing_ok=True)
+
+    def _reopen(self, client) -> str | None:
+        """The run an earlier, interrupted invocation of this step left in ``resume`` (same store
+        and experiment, still there), set RUNNING again with its error tag removed and
+        ``snaketune.resumes`` counted up; None when there is none."""
+        if not self.resume or not self.resume.is_file():
+            return None
+        try:
+            saved = json.loads(self.resume.read_text())
+        except ValueError:
+            return None
+        if (saved.get("uri"), saved.get("experiment")) != (self.uri, self.experiment):
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(saved["run_id"])
+        except MlflowException:
+            return None
+        if run.info.lifecycle_stage != "active":
+            return None
+        client.update_run(run.info.run_id, status="RUNNING")
+        if "error" in run.data.tags:
+            client.delete_tag(run.info.run_id, "error")
+        resumes = int(run.data.tags.get("snaketune.resumes", "0")) + 1
+        client.set_tag(run.info.run_id, "snaketune.resumes", str(resumes))
+        return run.info.run_id
 
     def _loop(self) -> None:
         import sys
@@ -175,6 +213,8 @@ class _Tracker:
         import sys
 
         self.submit("end", status)
+        if status == "FINISHED" and self.resume:
+            self.submit("forget")
         self.queue.put(None)
         self.thread.join(float(os.environ.get("SNAKETUNE_TRACKING_WAIT", "120")))
         if not self.thread.is_alive():
@@ -254,13 +294,23 @@ def _setup(mlflow, uri: str, experiment: str) -> None:
     mlflow.set_experiment(experiment)
 
 
+EXIT_RESUMABLE = 75  # a step that exits with this code stopped to be resumed (train's EXIT_REQUEUE)
+
+
 @contextlib.contextmanager
-def step_run(step: str, params: dict):
+def step_run(step: str, params: dict, resume: str | os.PathLike | None = None):
     """Open an MLflow run for ``step`` with its resolved ``params``; yield a StepRun.
 
-    The run ends FAILED, tagged ``error`` with the error's first line, if the block raises, FINISHED
+    The run ends FAILED, tagged ``error`` with the error's first line, if the block raises, KILLED
+    (tag ``stopped``) if it exits with code 75 (a checkpoint saved on SIGTERM/SIGUSR1), FINISHED
     otherwise. Duration is logged. In a multi-process job (torchrun) only rank 0 logs; other ranks
     get a NullRun.
+
+    ``resume`` (a file in the step's checkpoint folder) makes one run of a step across restarts:
+    the run's id is kept there, a later invocation that finds it reopens that run (RUNNING again,
+    its ``error`` tag removed, tag ``snaketune.resumes`` counting the restarts) instead of starting
+    a new one, and a FINISHED run removes it. Metrics of steps repeated after a resume (those after
+    the last checkpoint) are logged again at the same step.
     """
     if int(os.environ.get("RANK", "0")) != 0:
         yield NullRun()
@@ -277,7 +327,8 @@ def step_run(step: str, params: dict):
         tags.update({"snakemake.job": job, "snakemake.rule": rule, "snakemake.wildcards": wildcards.rstrip("]")})
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
-    tracker = _Tracker(uri, experiment, run_name(step, job, ctx.get("models", 1) > 1), tags)
+    tracker = _Tracker(uri, experiment, run_name(step, job, ctx.get("models", 1) > 1), tags,
+                       Path(resume) if resume else None)
     handle = StepRun(tracker)
     handle.log_params(params)
     start, status = time.time(), "FAILED"
@@ -285,6 +336,16 @@ def step_run(step: str, params: dict):
         yield handle
         handle.log_metrics({"duration_s": time.time() - start})
         status = "FINISHED"
+    except SystemExit as exc:
+        if exc.code == EXIT_RESUMABLE:
+            status = "KILLED"
+            handle.set_tags({"stopped": "stopped with a checkpoint (preemption or time limit); a rerun resumes "
+                                        "it in this run" if resume else "stopped with a checkpoint"})
+        elif exc.code not in (0, None):
+            handle.set_tags({"error": f"exit code {exc.code}"})
+        else:
+            status = "FINISHED"
+        raise
     except BaseException as exc:
         handle.set_tags({"error": error_line(exc)})
         raise

@@ -601,6 +601,18 @@ def claim_checkpoints(folder: Path, fingerprint: dict) -> None:
     write_json(stamp, fingerprint)
 
 
+MLFLOW_RUN = "mlflow_run.json"  # in the checkpoint folder: the MLflow run that a resume continues
+
+
+def tracking_resume(out: str, checkpoints: str | None, recipe: dict, inputs: list[str]) -> Path:
+    """Where the step keeps its MLflow run id (``step_run(resume=...)``): in its checkpoint folder,
+    claimed first, so that a folder of another configuration is emptied (with its run id) before a
+    run could be reopened from it."""
+    folder = Path(checkpoints or Path(out).with_name(Path(out).name + ".checkpoints"))
+    claim_checkpoints(folder, inputs_fingerprint(recipe, inputs))
+    return folder / MLFLOW_RUN
+
+
 def checkpoint_problems(path: Path) -> list[str]:
     """Why a Trainer checkpoint cannot be resumed from (empty: it is whole): trainer_state.json
     must parse, every safetensors file must hold the tensors its header lists, and every torch
@@ -829,7 +841,7 @@ def main(argv=None):
     recipe = json.loads(args.params)
     from snaketune.tracking import step_run
 
-    with step_run("train", recipe) as run:
+    with step_run("train", recipe, tracking_resume(args.out, args.checkpoints, recipe, [args.base, *args.data])) as run:
         s = train(args.base, args.data, recipe, args.out, args.checkpoints, run, args.cache_dir)
         run.log_metrics({k: s[k] for k in ("train_loss", "tokens_per_s", "wall_seconds", "warmup_seconds", "steps",
                                            "trainable_params", "gpu_peak_gib") if s[k] is not None})
