@@ -351,3 +351,36 @@ def test_a_converted_study_plans_in_the_workflow(swift_dir):
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
     for rule in ("fetch_model", "prepare_data", "train_adapter", "merge_adapter", "evaluate", "summary"):
         assert rule in dry.stdout
+
+
+def test_status_states_from_snakemakes_summary_table(tmp_path):
+    """Each output of `snakemake --summary` gets one state: done (ok, no update), running (marked
+    incomplete while a Snakemake holds the lock), interrupted (marked, no lock), failed (missing, its
+    log holds an error), to run (the rest, with Snakemake's reason when it is not plain)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "bad.log").write_text("loading\nsnaketune: error: datasets.x.path: no such file\n")
+    (logs / "old.log").write_text("step 2/6 | loss 1.0\n")  # a log without an error: not a failure
+    summary = "\n".join([
+        "output_file\tdate\trule\tlog-file(s)\tstatus\tplan",
+        "out/done\tThu Dec  3 16:00:06 2026\ttrain_full\tlogs/done.log\tok\tno update",
+        "out/run\t-\ttrain_adapter\tlogs/run.log\tmissing\tupdate pending",
+        "out/bad\t-\tprepare_data\tlogs/bad.log\tmissing\tupdate pending",
+        "out/old\t-\tmerge_adapter\tlogs/old.log\tmissing\tupdate pending",
+        "out/stale\tThu Dec  3 16:00:06 2026\tevaluate\tlogs/stale.log\tok\tupdated input files",
+    ])
+    marker = cli._incomplete_marker(tmp_path, "out/run")
+    marker.parent.mkdir(parents=True)
+    marker.write_text("")
+    assert marker.name == "b3V0L3J1bg=="  # base64 of out/run, as Snakemake names it
+    states = {r["output"]: r["state"] for r in cli.job_states(summary, tmp_path)}
+    assert states == {"out/done": "done", "out/run": "interrupted", "out/bad": "failed", "out/old": "to run",
+                      "out/stale": "to run"}
+    (tmp_path / ".snakemake/locks").mkdir()
+    (tmp_path / ".snakemake/locks/0.input.lock").write_text("")
+    rows = cli.job_states(summary, tmp_path)
+    assert {r["output"]: r["state"] for r in rows}["out/run"] == "running"
+    text = "\n".join(cli.status_report(rows))
+    assert text.splitlines()[0] == "status: 1 failed, 1 running, 2 to run, 1 done"
+    assert "prepare_data: out/bad\n      snaketune: error: datasets.x.path: no such file\n      log: logs/bad.log" in text
+    assert "evaluate: out/stale (updated input files)" in text and "train_adapter: out/run (log: logs/run.log)" in text

@@ -330,8 +330,12 @@ def error_text(log: Path) -> str:
 
 # ------------------------------------------------------------------------------------------ status
 
-def _incomplete_marker(workdir: Path, output: str) -> Path:
-    return workdir / ".snakemake" / "incomplete" / base64.urlsafe_b64encode(output.encode()).decode()
+def _incomplete_marker(workdir: Path, output: str, max_len: int = 255) -> Path:
+    """Snakemake's mark of an output whose job started and did not finish (its persistence's file
+    name: the path in URL-safe base64, cut into folders of at most ``max_len`` characters)."""
+    b64 = base64.urlsafe_b64encode(output.encode()).decode()
+    parts = [b64[i:i + max_len - 1] for i in range(0, len(b64), max_len - 1)]
+    return Path(workdir, ".snakemake", "incomplete", *["@" + p for p in parts[:-1]], parts[-1])
 
 
 def _has_error(log: Path) -> bool:
