@@ -384,3 +384,29 @@ def test_status_states_from_snakemakes_summary_table(tmp_path):
     assert text.splitlines()[0] == "status: 1 failed, 1 running, 2 to run, 1 done"
     assert "prepare_data: out/bad\n      snaketune: error: datasets.x.path: no such file\n      log: logs/bad.log" in text
     assert "evaluate: out/stale (updated input files)" in text and "train_adapter: out/run (log: logs/run.log)" in text
+
+
+def test_progress_follows_a_running_training_log(tmp_path):
+    """A job's block is closed after a second without output (finish), so its training log is
+    followed while it runs: new step lines come out on each poll, not only when the job is done;
+    the lines an earlier attempt left in the log are not shown again, a rewritten log is read from
+    its start."""
+    import os
+
+    log = tmp_path / "results/logs/tiny/good/train.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("step 2/6 | loss 9.0 | an earlier attempt\n")
+    os.utime(log, (1, 1))
+    progress = cli.Progress(tmp_path)
+    block = ["[Thu Dec  3 16:10:46 2026]", "localrule train_adapter:", "    log: results/logs/tiny/good/train.log",
+             "    jobid: 7", "    wildcards: model=tiny, recipe=good"]
+    assert [t for line in block for t in progress.feed(line)] == []  # the block may go on
+    assert progress.finish() == ["job 1/?: train_adapter model=tiny, recipe=good"]
+    assert progress.poll() == []  # the earlier attempt's line
+    log.write_text("loading\nstep 2/6 | loss 6.1 | lr 4e-03 | 20,000 tok/s | ETA 0.0 min\nstep 4/6 | lo")
+    assert progress.poll() == ["  good: step 2/6 | loss 6.1 | lr 4e-03 | 20,000 tok/s | ETA 0.0 min"]
+    with open(log, "a") as fh:
+        fh.write("ss 5.9\neval 4/6 | eval_loss 6.0 (held-out)\n")
+    assert progress.poll() == ["  good: step 4/6 | loss 5.9", "  good: eval 4/6 | eval_loss 6.0 (held-out)"]
+    assert progress.feed("Finished jobid: 7 (Rule: train_adapter)") == ["done 1/?: train_adapter model=tiny, recipe=good"]
+    assert progress.running() == []
