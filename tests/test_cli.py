@@ -302,6 +302,9 @@ def test_from_swift_fills_ms_swifts_defaults_and_maps_tuners_and_datasets(swift_
         config, _ = from_swift.convert(["swift", "sft", "--model", "tiny_base", "--dataset", "data/train.jsonl",
                                         *flags])
         assert [r["train_type"] for r in config["recipes"].values()] == [train_type]
+    config, _ = from_swift.convert(["USE_HF=1 NPROC_PER_NODE=1 swift sft --model=Qwen/Qwen2.5-0.5B --dataset "
+                                    "data/train.jsonl"])  # one string, env prefix, --flag=value
+    assert config["models"]["qwen2.5-0.5b"] == {"source": "hf", "repo": "Qwen/Qwen2.5-0.5B", "revision": "main"}
     config, _ = from_swift.convert(["swift", "rlhf", "--rlhf_type", "kto", "--model", "tiny_base", "--dataset",
                                     "data/kto.jsonl", "--beta", "0.2", "--deepspeed", "zero3_offload"],
                                    bench="data/train.jsonl")

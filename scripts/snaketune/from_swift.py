@@ -55,12 +55,15 @@ NOTES = {"template": "snaketune formats with the model's own chat template (ms-s
 
 def parse_swift(argv: list[str]) -> tuple[str, dict[str, list[str]]]:
     """(``sft``/``pt``/``rlhf``, {flag: values}) from ``swift <cmd> --flag value ...``; environment
-    assignments before ``swift`` (``CUDA_VISIBLE_DEVICES=0``) are skipped, ``--flag=value`` is read."""
+    assignments before ``swift`` (``CUDA_VISIBLE_DEVICES=0``) are skipped except ``USE_HF=1`` (as
+    ``--use_hf true``), ``--flag=value`` is read."""
     if len(argv) == 1 and " " in argv[0]:
         argv = shlex.split(argv[0])
     argv = [a for a in argv if a != "\\\n" and a != "\\"]
+    env = {}
     while argv and re.match(r"^[A-Z_][A-Z0-9_]*=", argv[0]):
-        argv = argv[1:]
+        key, _, value = argv[0].partition("=")
+        env[key], argv = value, argv[1:]
     if len(argv) < 2 or Path(argv[0]).name != "swift":
         raise SnaketuneError("from-swift reads an ms-swift command after `--`: snaketune from-swift -- swift sft "
                              f"--model ... --dataset ... (got {' '.join(argv[:3]) or 'nothing'})")
@@ -79,6 +82,8 @@ def parse_swift(argv: list[str]) -> tuple[str, dict[str, list[str]]]:
             raise SnaketuneError(f"swift {command}: {token!r} comes before any --flag: every value follows its flag")
         else:
             flags[key].append(token)
+    if env.get("USE_HF", "").lower() in ("1", "true") and "use_hf" not in flags:
+        flags["use_hf"] = ["true"]  # ms-swift reads the hub choice from USE_HF=1 as well
     return command, flags
 
 
