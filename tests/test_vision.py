@@ -12,7 +12,7 @@ from snaketune.data import COLOURS, load_local, prepare
 from snaketune.errors import SnaketuneError
 
 VL = dict(source="tiny", architecture="qwen2_vl", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-          num_attention_heads=4, num_key_value_heads=2, vision_hidden_size=32, vision_layers=1)
+          num_attention_heads=4, num_key_value_heads=2, vision_hidden_size=32, vision_layers=1, tie_word_embeddings=False)
 SHAPES = {"source": "synthetic", "task": "shapes", "n_train": 1000, "n_test": 100}
 
 
@@ -242,8 +242,7 @@ def test_sft_learns_colours_from_images(train_type, vl_model, shapes, tmp_path):
 
     recipe = {"stage": "sft", "train_type": train_type, "learning_rate": 1e-3 if train_type == "full" else 2e-3,
               "batch_size": 16, "max_steps": 600, "max_length": 64, "warmup_ratio": 0.05, "logging_steps": 50,
-              "save_steps": 1000, "seed": LEARNING_SEED, "lora": {"r": 16, "alpha": 32},
-              "freeze_vision": train_type == "full", "freeze_projector": train_type == "full"}
+              "save_steps": 1000, "seed": LEARNING_SEED, "lora": {"r": 16, "alpha": 32, "modules_to_save": ["lm_head"]}}
     out = tmp_path / "out"
     summary = train(str(vl_model), [str(shapes)], recipe, str(out))
     assert summary["final_loss"] < summary["first_loss"]
@@ -298,6 +297,44 @@ def test_vision_study_beats_its_base_after_sft(vision_study):
 
 
 @pytest.mark.slow
+def test_served_answers_with_image_parts_are_the_in_process_ones(vision_study, tmp_path):
+    """The transformers engine over the OpenAI API with image_url parts answers as evaluate's
+    generation does (greedy); the study's serving benchmark sent an image with every request."""
+    import base64
+
+    from openai import OpenAI
+
+    from snaketune.data import draw_shapes
+    from snaketune.serve import ServerProcess
+    from snaketune.vision import generate
+
+    model = vision_study / "results/tiny-vl/sft-full/model"
+    bench = json.loads((vision_study / "results/tiny-vl/sft-full/serving/transformers.json").read_text())
+    assert bench["images_per_request"] == 1 and all(level["completed"] == 4 for level in bench["levels"])
+    question = "What colour is the circle?"
+    paths, served = [], []
+    with ServerProcess(model, {"engine": "transformers"}) as server:
+        client = OpenAI(base_url=server.base_url, api_key="none")
+        for i, colour in enumerate(sorted(COLOURS)):
+            image = draw_shapes("colour", colour, [(8 + 3 * i, 20)], 22, 56)
+            paths.append(tmp_path / f"{colour}.png")
+            paths[-1].write_bytes(image.data)
+            url = "data:image/png;base64," + base64.b64encode(image.data).decode()
+            answer = client.chat.completions.create(model=server.model_name, temperature=0, max_tokens=4, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": question}]}])
+            served.append(answer.choices[0].message.content)
+        from openai import BadRequestError
+
+        with pytest.raises(BadRequestError, match="the server fetches nothing"):
+            client.chat.completions.create(model=server.model_name, max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    assert served == generate(model, [prompt] * len(paths), [[str(p)] for p in paths], 4, 8)
+    print(f"served answers for {sorted(COLOURS)}: {served}")
+
+
+@pytest.mark.slow
 def test_an_edited_image_reruns_only_its_dataset(tmp_path):
     """Images a local dataset names are inputs of the data rule: editing one reruns its dataset."""
     from PIL import Image
@@ -325,4 +362,5 @@ def test_an_edited_image_reruns_only_its_dataset(tmp_path):
     Image.new("RGB", (28, 28), (0, 0, 0)).save(tmp_path / "data/3.png")
     plan = snakemake(tmp_path, *targets, "--dry-run")
     assert plan.returncode == 0
-    assert "prepare_data" in plan.stdout and "data/3.png" in plan.stdout and "datasets/other" not in plan.stdout
+    assert "output: results/datasets/local" in plan.stdout and "data/3.png" in plan.stdout
+    assert "output: results/datasets/other" not in plan.stdout

@@ -3,7 +3,8 @@
 Engines (``params.engine``):
 
 - ``transformers``: in-process FastAPI/uvicorn server over ``AutoModelForCausalLM`` in this
-  environment (always available; CPU or one GPU). ``/v1/chat/completions`` and
+  environment (always available; CPU or one GPU); a vision-language model (Qwen2-VL, Qwen2.5-VL)
+  takes ``image_url`` content parts with base64 ``data:`` URLs. ``/v1/chat/completions`` and
   ``/v1/completions`` (streaming or not), ``/v1/models``, ``/health``. Requests are served one at
   a time (no batching): it is a reference engine, not a fast one.
 - ``vllm``: vLLM's OpenAI server started as a separate process from a configured command
@@ -36,6 +37,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from snaketune import vision
 from snaketune.errors import SnaketuneError, cli
 
 DEFAULT_VLLM_COMMAND = [".venv-vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
@@ -318,7 +320,7 @@ class TransformersEngine:
 
     def __init__(self, model_dir: str, params: dict):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         self.torch = torch
         device = params.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -327,14 +329,24 @@ class TransformersEngine:
 
         check_weights(model_dir, "serve")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=device)
+        self.images = vision.Images(model_dir) if vision.is_vision(model_dir) else None
+        auto = AutoModelForImageTextToText if self.images else AutoModelForCausalLM
+        self.model = auto.from_pretrained(model_dir, dtype="auto", device_map=device)
         self.model.eval()
         self.lock = threading.Lock()
         self.max_model_len = int(params.get("max_model_len", 2048))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], images: list | None = None) -> tuple[list[int], dict]:
+        """Prompt ids of a chat, and the model inputs of its images (PIL images; empty without)."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not images:
+            return ids, {}
+        if self.images is None:
+            raise ValueError("this model has no vision tower: send text content only")
+        ids, _ = self.images.expand(ids, self.images.tokens(images))
+        mm = self.torch.tensor([ids]) == self.images.token_id
+        return ids, {**self.images.pixels(images), "mm_token_type_ids": mm.long()}
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
@@ -354,8 +366,9 @@ class TransformersEngine:
             kw.update(min_new_tokens=int(req["min_tokens"]))
         return kw
 
-    def generate(self, ids: list[int], req: dict):
-        """Yield lists of new token ids as they are produced; the caller decodes."""
+    def generate(self, ids: list[int], req: dict, extra: dict | None = None):
+        """Yield lists of new token ids as they are produced; the caller decodes. ``extra``: the
+        images' model inputs (encode_chat)."""
         import queue
 
         torch = self.torch
@@ -377,7 +390,8 @@ class TransformersEngine:
             try:
                 with torch.no_grad():
                     self.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), streamer=streamer,
-                                        stopping_criteria=[cancelled], **kw)
+                                        stopping_criteria=[cancelled],
+                                        **{k: v.to(self.model.device) for k, v in (extra or {}).items()}, **kw)
             except BaseException as e:  # surfaced to the request
                 err.append(e)
                 q.put(None)
@@ -479,9 +493,8 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
                 if not isinstance(req.get("messages"), list) or not req["messages"]:
                     return None, error(400, "'messages' must be a non-empty list of {role, content} objects",
                                        "messages")
-                messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
-                             "".join(p.get("text", "") for p in m["content"])} for m in req["messages"]]
-                ids = engine.encode_chat(messages)
+                messages, images = vision.request_images(req["messages"])
+                ids, extra = engine.encode_chat(messages, images)
             else:
                 prompt = req.get("prompt")
                 if isinstance(prompt, list) and token_ids(prompt) is None:
@@ -489,7 +502,7 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
                         return None, error(400, "batched prompts are not supported by the transformers engine",
                                            "prompt")
                     prompt = prompt[0]
-                ids = engine.encode_text(prompt) if isinstance(prompt, str) else token_ids(prompt)
+                ids, extra = engine.encode_text(prompt) if isinstance(prompt, str) else token_ids(prompt), {}
                 if ids is None:
                     return None, error(400, "'prompt' must be a string or a list of token ids", "prompt")
         except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -504,15 +517,15 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
             return None, error(400, f"prompt has {len(ids)} tokens; max_model_len is {engine.max_model_len}")
         stops = req.get("stop") or []
         stops = [stops] if isinstance(stops, str) else list(stops)
-        return (ids, stops), None
+        return (ids, stops, extra), None
 
-    def iterate(ids, stops, req):
+    def iterate(ids, stops, req, extra):
         """Yield (delta_text, n_tokens, finish_reason or None)."""
         out: list[int] = []
         sent = text = ""
         max_tokens = engine._gen_kwargs(req, len(ids))["max_new_tokens"]
         ignore_eos = bool(req.get("ignore_eos"))
-        for new in engine.generate(ids, req):
+        for new in engine.generate(ids, req, extra):
             out.extend(new)
             finished_eos = not ignore_eos and out and out[-1] in eos
             text = tok.decode([t for t in out if ignore_eos or t not in eos], skip_special_tokens=True)
@@ -534,14 +547,14 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
         parsed, err = run_request(req, chat)
         if err is not None:
             return err
-        ids, stops = parsed
+        ids, stops, extra = parsed
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
 
         if not req.get("stream"):
             text, n, reason = "", 0, "stop"
-            for delta, n, finish in iterate(ids, stops, req):
+            for delta, n, finish in iterate(ids, stops, req, extra):
                 text += delta
                 reason = finish or reason
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
@@ -566,7 +579,7 @@ def build_app(engine: TransformersEngine, model_name: str, key: str | None):
             n = 0
             try:
                 first = True
-                for delta, n, finish in iterate(ids, stops, req):
+                for delta, n, finish in iterate(ids, stops, req, extra):
                     if delta or finish or first:
                         yield chunk(delta, finish, first)
                         first = False

@@ -12,7 +12,8 @@ and are not counted.
 
 Output JSON (per level): requests/s, output tokens/s, TTFT (to the first streamed choice chunk),
 time per output token after the first (TPOT, from the token count in the usage chunk) and
-end-to-end latency p50/p90/p99 in ms, all as the client sees them; completed and failed request counts and the first error
+end-to-end latency p50/p90/p99 in ms, all as the client sees them (a vision-language model gets one
+drawn image per request, as an ``image_url`` content part: ``images_per_request``); completed and failed request counts and the first error
 messages; plus the server command, its time to ready, and whether its processes are gone.
 """
 
@@ -32,6 +33,7 @@ from pathlib import Path
 from snaketune.atomic import write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune.serve import ServerProcess, terminate_as_exit
+from snaketune.vision import is_vision
 
 DEFAULTS = {
     "engine": "transformers",
@@ -79,8 +81,22 @@ def make_prompts(tokenizer, n: int, target_tokens: int, seed: int) -> list[str]:
     return prompts
 
 
-async def one_request(client, model: str, prompt: str, output_tokens: int, timeout: float) -> dict:
-    """One streaming chat completion; returns timings (s) and token counts, or an error."""
+def image_prompt(prompt: str, seed: int) -> list[dict]:
+    """A prompt for a vision-language model: one drawn 56x56 image (a circle, as the shapes task
+    draws them) as a base64 ``image_url`` part, then the text."""
+    import base64
+
+    from snaketune.data import COLOURS, draw_shapes
+
+    rng = random.Random(seed)
+    image = draw_shapes("colour", rng.choice(sorted(COLOURS)), [(rng.randrange(28), rng.randrange(28))], 20, 56)
+    url = "data:image/png;base64," + base64.b64encode(image.data).decode()
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
+
+
+async def one_request(client, model: str, prompt: str | list[dict], output_tokens: int, timeout: float) -> dict:
+    """One streaming chat completion (``prompt``: the user turn's content, text or content parts);
+    returns timings (s) and token counts, or an error."""
     start = time.perf_counter()
     first = None
     chunks = 0
@@ -187,6 +203,11 @@ def benchmark(model_dir: str, params: dict) -> dict:
         n = int(cfg["requests"] or 4 * c)
         prompts_by_level[c] = make_prompts(tok, n, int(cfg["prompt_tokens"]), int(cfg["seed"]) + 1000 * i)
     warmup = make_prompts(tok, int(cfg["warmup"]), int(cfg["prompt_tokens"]), int(cfg["seed"]) - 1)
+    images = is_vision(model_dir)
+    if images:  # every request carries one image
+        prompts_by_level = {c: [image_prompt(p, int(cfg["seed"]) + 7919 * i + c) for i, p in enumerate(ps)]
+                            for c, ps in prompts_by_level.items()}
+        warmup = [image_prompt(p, int(cfg["seed"]) - 1 - i) for i, p in enumerate(warmup)]
 
     server = ServerProcess(model_dir, cfg)
     record = {
@@ -194,6 +215,7 @@ def benchmark(model_dir: str, params: dict) -> dict:
         "model": str(Path(model_dir).resolve()),
         "engine": cfg["engine"],
         "config": {k: cfg[k] for k in DEFAULTS},
+        "images_per_request": 1 if images else 0,
         "host": platform.node(),
         "python": sys.version.split()[0],
     }

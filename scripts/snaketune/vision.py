@@ -65,18 +65,21 @@ class Images:
         self.merge = self.processor.merge_size ** 2
         self.config_text = (Path(folder) / "preprocessor_config.json").read_text()
 
-    def pixels(self, paths: list[str]) -> dict:
-        """``pixel_values`` and ``image_grid_thw`` of image files, as the model takes them."""
+    def pixels(self, paths: list) -> dict:
+        """``pixel_values`` and ``image_grid_thw`` of images (files, or PIL images), as the model takes them."""
         from PIL import Image
 
         images = []
         for p in paths:
+            if isinstance(p, Image.Image):
+                images.append(p.convert("RGB"))
+                continue
             with Image.open(p) as img:
                 images.append(img.convert("RGB"))
         return dict(self.processor(images=images, return_tensors="pt"))
 
-    def tokens(self, paths: list[str]) -> list[int]:
-        """How many image tokens each image becomes."""
+    def tokens(self, paths: list) -> list[int]:
+        """How many image tokens each image (a file, or a PIL image) becomes."""
         if not paths:
             return []
         grid = self.pixels(paths)["image_grid_thw"]
@@ -176,6 +179,43 @@ def freeze_parts(model, recipe: dict):
         elif name.startswith(VISION_PREFIX):
             param.requires_grad = not recipe.get("freeze_vision", True)
     return model
+
+
+def request_images(messages: list[dict]) -> tuple[list[dict], list]:
+    """An OpenAI chat request's messages in chat-template form (image parts ``{"type": "image"}``)
+    and their images as PIL images, in order. Images come as ``image_url`` parts holding a
+    base64 ``data:`` URL (the server reads no files and fetches nothing)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    out, images = [], []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        parts = []
+        for part in content:
+            if part.get("type") == "text":
+                parts.append({"type": "text", "text": part["text"]})
+            elif part.get("type") == "image_url":
+                url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
+                head, _, data = url.partition(",")
+                if not (head.startswith("data:image/") and head.endswith(";base64")):
+                    raise ValueError("image_url must be a data:image/...;base64, URL (the server fetches nothing)")
+                try:
+                    image = Image.open(io.BytesIO(base64.b64decode(data)))
+                    image.load()
+                except OSError as err:
+                    raise ValueError(f"image_url holds no readable image ({err})") from None
+                images.append(image)
+                parts.append({"type": "image"})
+            else:
+                raise ValueError(f"unsupported content part type {part.get('type')!r}: use text or image_url")
+        out.append({"role": m["role"], "content": parts})
+    return out, images
 
 
 def text_of(content) -> str:
