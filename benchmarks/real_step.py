@@ -55,17 +55,12 @@ PLAN = [
 
 
 def schema_recipe(keys: dict, steps: int) -> dict:
-    """A recipe block as the workflow hands it to the step: resolved through the config schema by
-    snakemake's validate(set_default=True), as the workflow resolves it (defaults that depend on
-    the recipe, such as learning_rate by train_type, included), plus the study seed."""
-    from snakemake.utils import validate
+    """A recipe block as the workflow hands it to the step: the config schema's defaults filled in
+    (snaketune.schema.resolve, as the workflow's validation fills them: defaults that depend on the
+    recipe, such as learning_rate by train_type, included), plus the study seed."""
+    from snaketune.schema import resolve
 
-    recipe = {"dataset": "fixed2048", "max_steps": steps, **keys}
-    config = {"study": "real-step", "models": {"m": {"source": "tiny"}},
-              "datasets": {"fixed2048": {"source": "synthetic"}}, "recipes": {"r": recipe},
-              "benches": {"b": {"dataset": "fixed2048"}}, "evaluation": {"variants": ["base"], "benches": ["b"]}}
-    validate(config, str(ROOT / "workflow/schemas/config.schema.yaml"))
-    return {"seed": 0, **config["recipes"]["r"]}
+    return {"seed": 0, **resolve("recipes", {"dataset": "fixed2048", "max_steps": steps, **keys})}
 
 
 def build_model(bl, size: str, folder: Path) -> Path:

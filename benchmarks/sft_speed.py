@@ -117,8 +117,9 @@ def versions() -> dict:
 def prepare(model, recipe: dict):
     """snaketune's model preparation for ``recipe``: the train step's own ``prepare_model``."""
     from snaketune import train
+    from snaketune.schema import resolve
 
-    return train.prepare_model(model, recipe, cuda=True), "train.prepare_model"
+    return train.prepare_model(model, resolve("recipes", recipe), cuda=True), "train.prepare_model"
 
 
 def plain_recipe(recipe: dict) -> dict:

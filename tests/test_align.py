@@ -17,6 +17,7 @@ from conftest import LEARNING_SEED, read_jsonl as read, record_learning
 from snaketune.align import align, completion_logps, preference_accuracy, reward_accuracy
 from snaketune.data import addition_pairs
 from snaketune.errors import SnaketuneError
+from snaketune.schema import resolve
 from snaketune.tracking import MemoryRun
 
 def heldout(data_dir):
@@ -140,7 +141,8 @@ def test_dpo_loss_matches_an_independent_computation(sft_model, arith, tmp_path)
 
     tok = AutoTokenizer.from_pretrained(sft_model)
     rows = read(arith / "preference.jsonl")[:6]
-    recipe = {"stage": "dpo", "train_type": "lora", "beta": 0.3, "learning_rate": 5e-6, "batch_size": 6, "max_steps": 1}
+    recipe = resolve("recipes", {"stage": "dpo", "train_type": "lora", "beta": 0.3, "learning_rate": 5e-6,
+                                 "batch_size": 6, "max_steps": 1})
     model, peft_config = load_policy(str(sft_model), recipe, torch.float32)
     fit_logprob_tiles(model.config.vocab_size)
     common = _common_args(recipe, tmp_path / "ckpt", False, "fp32", 1)
@@ -383,8 +385,8 @@ def test_tool_call_conversations_reach_the_template(tiny_model, tmp_path):
     assert '"name": "add"' in full.split("<|im_start|>user")[0]  # the schema, in the system turn
     assert labelled == '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|im_end|>5<|im_end|>'
 
-    recipe = {"stage": "dpo", "train_type": "lora", "learning_rate": 5e-6, "batch_size": 2, "max_steps": 2,
-              "logging_steps": 1, "seed": 0}
+    recipe = resolve("recipes", {"stage": "dpo", "train_type": "lora", "learning_rate": 5e-6, "batch_size": 2,
+                                 "max_steps": 2, "logging_steps": 1, "seed": 0})
     model, peft_config = load_policy(str(model_dir), recipe, torch.float32)
     trainer = make_trainer("dpo", model, tok, Dataset.from_list(read(data / "preference.jsonl")), recipe,
                            _common_args(recipe, tmp_path / "ckpt", False, "fp32", 2), [], peft_config)

@@ -191,15 +191,24 @@ def test_varlen_rows_matches_sdpa():
 
 
 def test_resolve_options():
-    assert kernels.resolve_options({}, cuda=False) == {k: False for k in kernels.OPTION_KEYS}
+    from snaketune.schema import resolve
+
+    def options(recipe, cuda):  # recipes as the step sees them: the schema's defaults filled in
+        return kernels.resolve_options(resolve("recipes", recipe), cuda)
+
+    assert options({}, cuda=False) == {**{k: False for k in kernels.OPTION_KEYS}, "ce_impl": "chunked"}
     # auto on a GPU: every speed-up, compile where it was measured (benchmarks/NOTES.md)
-    assert kernels.resolve_options({"train_type": "full"}, cuda=True) == {k: True for k in kernels.OPTION_KEYS}
+    assert options({"train_type": "full"}, cuda=True) == {**{k: True for k in kernels.OPTION_KEYS}, "ce_impl": "chunked"}
     for unmeasured in ({"train_type": "qlora"}, {"gradient_checkpointing": True},
                        {"distributed": {"strategy": "fsdp"}}):
-        assert kernels.resolve_options(unmeasured, cuda=True)["compile"] is False, unmeasured
-        assert kernels.resolve_options({**unmeasured, "compile": True}, cuda=True)["compile"] is True
-    on = kernels.resolve_options({"liger": False, "compile": True}, cuda=True)
-    assert on == {"fused_ce": False, "fast_lora": True, "packing": True, "compile": True}
+        assert options(unmeasured, cuda=True)["compile"] is False, unmeasured
+        assert options({**unmeasured, "compile": True}, cuda=True)["compile"] is True
+    # liger, fused_ce's alias, decides while fused_ce stays at its schema default auto (it was
+    # ignored once the schema filled fused_ce in); a fused_ce of the recipe's own wins
+    on = options({"liger": False, "compile": True}, cuda=True)
+    assert on == {"fused_ce": False, "fast_lora": True, "packing": True, "compile": True, "ce_impl": "chunked"}
+    assert options({"liger": True}, cuda=False)["fused_ce"] is True
+    assert options({"liger": True, "fused_ce": False}, cuda=False)["fused_ce"] is False
 
 
 def _sft_speed():

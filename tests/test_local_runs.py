@@ -88,13 +88,14 @@ def test_test_size_zero_is_valid_but_cannot_be_benched(tmp_path):
 def test_optimizer_keys_reach_the_trainer(tmp_path):
     from transformers import TrainingArguments
 
+    from snaketune.schema import resolve
     from snaketune.train import trainer_args
 
-    recipe = {"learning_rate": 1e-4, "optim": "adamw_torch_fused", "adam_beta1": 0.8, "adam_beta2": 0.95,
-              "adam_epsilon": 1e-6}
+    recipe = resolve("recipes", {"learning_rate": 1e-4, "optim": "adamw_torch_fused", "adam_beta1": 0.8,
+                                 "adam_beta2": 0.95, "adam_epsilon": 1e-6})
     args = TrainingArguments(**trainer_args(recipe, tmp_path, False, "fp32", 10))
     assert (args.optim.value, args.adam_beta1, args.adam_beta2, args.adam_epsilon) == ("adamw_torch_fused", 0.8, 0.95, 1e-6)
-    default = TrainingArguments(**trainer_args({"learning_rate": 1e-4}, tmp_path, False, "fp32", 10))
+    default = TrainingArguments(**trainer_args(resolve("recipes", {"learning_rate": 1e-4}), tmp_path, False, "fp32", 10))
     assert (default.optim.value, default.adam_beta2) == ("adamw_torch", 0.999)
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 from snaketune.errors import SnaketuneError
+from snaketune.schema import resolve
 from snaketune.rewards import build_reward, build_rewards, exact_match, format_reward, length_penalty
 
 PROMPTS = [[{"role": "user", "content": "What is 1+2?"}]] * 3
@@ -20,7 +21,8 @@ def test_builtins():
 
 
 def test_config_entries_bind_their_keys_and_carry_names_and_weights():
-    funcs, weights = build_rewards([{"name": "exact_match"}, {"name": "format", "pattern": "x", "weight": 0.5}])
+    entries = [{"name": "exact_match"}, {"name": "format", "pattern": "x", "weight": 0.5}]
+    funcs, weights = build_rewards(resolve("recipes.grpo", {"rewards": entries})["rewards"])  # weight: the schema's 1.0
     assert [f.__name__ for f in funcs] == ["exact_match", "format"] and weights == [1.0, 0.5]
     # trl calls with keyword columns and its own extras
     assert funcs[0](prompts=PROMPTS, completions=COMPLETIONS, answer=ANSWERS, trainer_state=None) == [1, 1, 0]

@@ -12,6 +12,7 @@ import pytest
 
 from snaketune.train import EXIT_REQUEUE, tokenize_dataset, tokenize_pt, tokenize_sft, train
 from snaketune.errors import SnaketuneError
+from snaketune.schema import resolve
 
 from conftest import TINY, read_jsonl
 
@@ -257,7 +258,10 @@ def test_tokenized_data_is_cached_by_content(tiny_model, tiny_data, tmp_path, ca
 
 
 def test_distributed_strategies_map_to_trainer_arguments():
-    from snaketune.train import distributed_args
+    import snaketune.train as train_module
+
+    def distributed_args(recipe, cuda):
+        return train_module.distributed_args(resolve("recipes", recipe), cuda)
 
     assert distributed_args({}, cuda=False)["ddp_backend"] == "gloo"
     fsdp = distributed_args({"distributed": {"strategy": "fsdp"}, "gradient_checkpointing": True}, cuda=True)
@@ -372,9 +376,9 @@ def test_full_recipes_keep_fp32_master_weights_unless_told_otherwise(master, exp
     from snaketune.train import load_model
 
     recipe = {**RECIPE, "train_type": "full", "dtype": "bf16", "master_weights": master}
-    model = load_model(str(tiny_model), recipe, torch.bfloat16, cuda=False)
+    model = load_model(str(tiny_model), resolve("recipes", recipe), torch.bfloat16, cuda=False)
     assert {str(p.dtype) for p in model.parameters()} == {expected}
-    lora = load_model(str(tiny_model), {**recipe, "train_type": "lora"}, torch.bfloat16, cuda=False)
+    lora = load_model(str(tiny_model), resolve("recipes", {**recipe, "train_type": "lora"}), torch.bfloat16, cuda=False)
     assert {str(p.dtype) for p in lora.parameters()} == {"torch.bfloat16"}  # frozen base in dtype
 
 
@@ -400,7 +404,7 @@ def test_base_rewriting_adapters_are_saved_as_plain_lora_on_the_original_base(tr
     with torch.no_grad():
         plain = base(ids).logits
         saved = PeftModel.from_pretrained(base, out)(ids).logits
-    trained = wrap_model(AutoModelForCausalLM.from_pretrained(tiny_model), recipe)  # rewrites the base again
+    trained = wrap_model(AutoModelForCausalLM.from_pretrained(tiny_model), resolve("recipes", recipe))  # rewrites the base again
     set_peft_model_state_dict(trained, load_file(ckpt / "checkpoint-12" / "adapter_model.safetensors"))
     with torch.no_grad():
         reference = trained(ids).logits

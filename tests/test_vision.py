@@ -192,10 +192,11 @@ def test_labels_only_on_assistant_turns_never_on_image_tokens(vl_model, tmp_path
 def test_freeze_keys_choose_what_trains(vl_model):
     from transformers import AutoModelForImageTextToText
 
+    from snaketune.schema import resolve
     from snaketune.train import wrap_model
 
     def trainable(recipe):
-        model = wrap_model(AutoModelForImageTextToText.from_pretrained(vl_model), recipe)
+        model = wrap_model(AutoModelForImageTextToText.from_pretrained(vl_model), resolve("recipes", recipe))
         return {part for name, p in model.named_parameters() if p.requires_grad
                 for part in ("visual.blocks", "visual.merger", "language_model") if part in name}
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
 from snaketune.registry import LORA_TYPES, STAGES
+from snaketune.schema import resolve
 from snaketune.tracking import NullRun
 from snaketune.train import (EXIT_REQUEUE, Preempted, claim_checkpoints, inputs_fingerprint, tracking_resume,
                              keep_initial_adapter, latest_checkpoint, load_model, make_callback, pick_dtype,
@@ -161,7 +162,7 @@ def pretemplate(rows: list[dict], tokenizer) -> list[dict]:
 
 def _common_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, total_steps: int) -> dict:
     args = trainer_args(recipe, checkpoints, cuda, dtype_name, total_steps)
-    if recipe.get("gradient_checkpointing"):
+    if recipe["gradient_checkpointing"]:
         args["gradient_checkpointing"] = True
     return args
 
@@ -182,9 +183,10 @@ def _stage_args(recipe: dict, stage: str) -> dict:
 
 
 def grpo_args(recipe: dict) -> tuple[str, dict]:
-    """The GRPO-family variant and the trl config keys for it (variant defaults, then ``grpo:`` keys)."""
-    g = dict(recipe.get("grpo", {}))
-    variant = g.pop("variant", "grpo")
+    """The GRPO-family variant and the trl config keys for it (variant defaults, then ``grpo:`` keys,
+    the schema's defaults filled in)."""
+    g = resolve("recipes.grpo", recipe.get("grpo", {}))
+    variant = g.pop("variant")
     if variant not in GRPO_VARIANTS:
         raise SnaketuneError(f"unknown grpo.variant {variant!r}: use one of {', '.join(GRPO_VARIANTS)}")
     g.pop("rewards", None)
@@ -204,7 +206,7 @@ def grpo_args(recipe: dict) -> tuple[str, dict]:
         for key in ("normalize_advantages", "reward_clip_range"):
             if key in args:
                 raise SnaketuneError(f"grpo.{key} applies only to variant rloo")
-    use_vllm = args.get("use_vllm", "auto")
+    use_vllm = args["use_vllm"]
     if use_vllm == "auto":  # vLLM generation on a GPU when it is installed; transformers otherwise
         import importlib.util
 
@@ -215,8 +217,6 @@ def grpo_args(recipe: dict) -> tuple[str, dict]:
     if args["use_vllm"]:
         args.setdefault("vllm_mode", "colocate")
     args.setdefault("beta", 0.05 if variant == "rloo" else 0.04)  # KL weight (GRPO paper: 0.04; trl: 0.0)
-    args.setdefault("num_generations", 8)
-    args.setdefault("max_completion_length", 64)
     if variant == "reinforce++" and args.get("scale_rewards") != "batch":
         print("note: reinforce++ with scale_rewards other than 'batch' is plain GRPO", file=sys.stderr)
     return variant, args
@@ -242,7 +242,7 @@ def load_policy(base: str, recipe: dict, dtype, needs_reference: bool = True):
     train_type = recipe.get("train_type", "lora")
     torch.manual_seed(recipe.get("seed", 0))
     model = load_model(base, recipe, dtype, torch.cuda.is_available())  # qlora: 4/8-bit base
-    if recipe.get("gradient_checkpointing") and train_type != "qlora":
+    if recipe["gradient_checkpointing"] and train_type != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     wrapped = wrap_model(model, recipe)
@@ -259,7 +259,7 @@ def load_reward_backbone(base: str, recipe: dict, tokenizer, dtype):
 
     torch.manual_seed(recipe.get("seed", 0))  # the new score head is initialised from the seed
     train_type = recipe.get("train_type", "lora")
-    if train_type in ("full", "freeze") and recipe.get("master_weights", "fp32") == "fp32":
+    if train_type in ("full", "freeze") and recipe["master_weights"] == "fp32":
         dtype = torch.float32  # trained weights stay fp32 (bf16 runs compute under autocast), as in train
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -276,10 +276,9 @@ def load_reward_backbone(base: str, recipe: dict, tokenizer, dtype):
     from peft import LoraConfig, get_peft_model
 
     # wrap_model's LoRA settings, for a sequence-classification task: the score head trains in full
-    lora = recipe.get("lora", {})
+    lora = recipe["lora"]
     config = LoraConfig(
-        r=lora.get("r", 8), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
-        target_modules=lora.get("target_modules", "all-linear"),
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"],
         modules_to_save=list(dict.fromkeys((lora.get("modules_to_save") or []) + ["score"])),
         use_dora=train_type == "dora", use_rslora=train_type == "rslora",
         init_lora_weights={"pissa": "pissa", "olora": "olora"}.get(train_type, True),
@@ -404,7 +403,7 @@ def make_trainer(stage: str, model, tokenizer, dataset, recipe: dict, common: di
         warnings.simplefilter("ignore", UserWarning)  # experimental-API notices of ORPO/CPO
         Config = _symbol(spec.config)
         if stage == "orpo":
-            Trainer = orpo_trainer_class(recipe.get("orpo_nll", "completion"))
+            Trainer = orpo_trainer_class(recipe["orpo_nll"])
         else:
             Trainer = _symbol(spec.trainer)
         if spec.pair_batches:
@@ -427,8 +426,9 @@ def make_grpo_trainer(model, tokenizer, dataset, recipe: dict, common: dict, cal
     from snaketune.rewards import build_rewards, load_function
 
     variant, g = grpo_args(recipe)
-    funcs, weights = build_rewards(recipe.get("grpo", {}).get("rewards") or [{"name": "exact_match"}])
-    tools = [load_function(t, "tool") for t in recipe.get("grpo", {}).get("tools", [])]
+    grpo = resolve("recipes.grpo", recipe.get("grpo", {}))
+    funcs, weights = build_rewards(grpo["rewards"])
+    tools = [load_function(t, "tool") for t in grpo.get("tools", [])]
     common = dict(common)
     # batch_size counts prompts per step; trl's batch counts completions
     common["per_device_train_batch_size"] = common["per_device_train_batch_size"] * g["num_generations"]
@@ -469,13 +469,14 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     import torch
     from transformers import AutoTokenizer
 
+    recipe = resolve("recipes", recipe)
     stage = recipe.get("stage")
     if stage not in ALIGN_STAGES:
         raise SnaketuneError(f"unknown alignment stage {stage!r}: use one of {', '.join(ALIGN_STAGES)} "
                              "(pt and sft are the train step)")
     cuda = torch.cuda.is_available()
     if not cuda:
-        torch.set_num_threads(recipe.get("threads", 1))
+        torch.set_num_threads(recipe["threads"])
     dtype_name, dtype = pick_dtype(recipe, cuda)
     checkpoints = Path(checkpoints or Path(out).with_name(Path(out).name + ".checkpoints"))
     claim_checkpoints(checkpoints, inputs_fingerprint(recipe, [base, *data]))
@@ -500,11 +501,11 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     initial_adapter = keep_initial_adapter(model, recipe, checkpoints)  # PiSSA/OLoRA only
     fit_logprob_tiles(model.config.get_text_config().vocab_size)
 
-    batch = recipe.get("batch_size", 8)
-    accum = recipe.get("gradient_accumulation_steps", 1)
+    batch = recipe["batch_size"]
+    accum = recipe["gradient_accumulation_steps"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch = math.ceil(len(rows) / (batch * accum * world))
-    total_steps = recipe.get("max_steps") or steps_per_epoch * recipe.get("epochs", 1)
+    total_steps = recipe.get("max_steps") or steps_per_epoch * recipe["epochs"]
     common = _common_args(recipe, checkpoints, cuda, dtype_name, total_steps)
 
     preempted = Preempted()
@@ -599,7 +600,7 @@ def main(argv=None):
     ap.add_argument("--checkpoints", help="checkpoint folder (default: <out>.checkpoints)")
     ap.add_argument("--cache-dir", help="accepted for the train rule's command line; unused (trl tokenizes)")
     args = ap.parse_args(argv)
-    recipe = json.loads(args.params)
+    recipe = resolve("recipes", json.loads(args.params))
     from snaketune.tracking import step_run
 
     with step_run("align", recipe, tracking_resume(args.out, args.checkpoints, recipe, [args.base, *args.data])) as run:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune.schema import resolve
 
 ROLES = ("system", "user", "assistant", "tool")
 CHAT_FORMATS = ("messages", "alpaca", "sharegpt")
@@ -64,10 +65,10 @@ def _str_field(row: dict, key: str, prefix: str = "", nonempty: bool = False) ->
 
 
 def kinds(params: dict) -> set[str]:
-    """The kinds of rows (``SPLITS`` keys) a dataset block fills: all for the synthetic task."""
-    if params.get("source", "synthetic") == "synthetic":
-        return {"chat"} if params.get("task") == "shapes" else set(SPLITS)
-    fmt = params.get("format", "messages")
+    """The kinds of rows (``SPLITS`` keys) a resolved dataset block fills: all for the synthetic task."""
+    if params["source"] == "synthetic":
+        return {"chat"} if params["task"] == "shapes" else set(SPLITS)
+    fmt = params["format"]
     return {"chat" if fmt in CHAT_FORMATS else fmt}
 
 
@@ -456,7 +457,7 @@ def read_rows(path: Path):
 
 def hub_rows(params: dict):
     """Yield (row_number, row) from a hub dataset (``hf`` or ``modelscope``) at a pinned revision."""
-    split = params.get("split", "train")
+    split = params["split"]
     if params["source"] == "hf":
         from datasets import load_dataset
 
@@ -544,10 +545,10 @@ def load_local(path: str, fmt: str, skip_bad_rows: bool = False, key: str = "pat
 def addition_task(params: dict) -> dict[str, list[dict]]:
     """The synthetic arithmetic task: 'What is a+b?' -> 'a+b', with disjoint train/test pairs."""
     rng = random.Random(params.get("seed", 0))
-    top = params.get("max_operand", 50)
+    top = params["max_operand"]
     pairs = [(a, b) for a in range(top) for b in range(top)]
     rng.shuffle(pairs)
-    n_test = params.get("n_test", 200)
+    n_test = params["n_test"]
     test, train = pairs[:n_test], pairs[n_test:n_test + params.get("n_train", len(pairs))]
 
     def chat(a, b, answer):
@@ -602,9 +603,8 @@ def shapes_task(params: dict) -> dict[str, list[dict]]:
     question kind in ``questions`` equally often; train and test images are disjoint (no drawing
     is in both)."""
     rng = random.Random(params.get("seed", 0))
-    side = params.get("image_size", 56)
-    questions = params.get("questions", ["colour"])
-    n_test, n_train = params.get("n_test", 200), params.get("n_train", 2000)
+    side, questions = params["image_size"], params["questions"]
+    n_test, n_train = params["n_test"], params.get("n_train", 2000)
     seen, cases = set(), []
     while len(cases) < n_test + n_train:
         kind = questions[len(cases) % len(questions)]
@@ -652,16 +652,17 @@ def build(params: dict) -> tuple[dict[str, list[dict]], list[str]]:
     Rows are shuffled with the seed; ``test_path`` or ``test_size`` gives the held-out split and
     ``samples`` caps the training split (ms-swift's ``name#500``).
     """
-    source = params.get("source", "synthetic")
+    params = resolve("datasets", params)
+    source = params["source"]
     if source == "synthetic":
-        splits = shapes_task(params) if params.get("task") == "shapes" else addition_task(params)
+        splits = shapes_task(params) if params["task"] == "shapes" else addition_task(params)
         if params.get("samples"):
             for train_split, _ in SPLITS.values():
                 splits[train_split] = splits[train_split][: params["samples"]]
         return splits, []
-    fmt, skip, seed = params.get("format", "messages"), params.get("skip_bad_rows", False), params.get("seed", 0)
+    fmt, skip, seed = params["format"], params["skip_bad_rows"], params.get("seed", 0)
     if source in ("hf", "modelscope"):
-        where = f"{params['repo']}[{params.get('split', 'train')}]"
+        where = f"{params['repo']}[{params['split']}]"
         rows, problems = validate_rows(hub_rows(params), where, fmt, skip)
         if not rows:
             raise SnaketuneError(f"{where} has no rows: check datasets.<name>.repo, subset and split")
@@ -674,7 +675,7 @@ def build(params: dict) -> tuple[dict[str, list[dict]], list[str]]:
         problems += more
         train = split(rows, 0, seed)[0]
     else:
-        train, test = split(rows, params.get("test_size", 0.05), seed)
+        train, test = split(rows, params["test_size"], seed)
     if params.get("samples"):
         train = train[: params["samples"]]
     kind = "chat" if fmt in CHAT_FORMATS else fmt

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
+from snaketune.schema import resolve
 
 DEFAULT_PYTHON = ".venv-evalscope/bin/python"
 OUR_METRICS = ("exact_match", "contains")
@@ -94,13 +95,12 @@ def split_to_general_qa(data_dir: Path, split: str, limit: int | None, out_dir: 
 
 def build_spec(model_dir: str, data_dir: str | None, params: dict, work: Path) -> dict:
     """The TaskConfig fields for EvalScope (JSON-serialisable)."""
-    gen = {"max_tokens": int(params.get("max_new_tokens", 16)), "temperature": 0.0}
-    gen.update(params.get("generation", {}))
+    gen = {"max_tokens": int(params["max_new_tokens"]), "temperature": 0.0}
     spec: dict = {
         "work_dir": str(work / "evalscope"),
         "no_timestamp": True,
         "eval_batch_size": int(params.get("eval_batch_size", 1)),
-        "seed": int(params.get("seed", 0)),
+        "seed": 0,
         "generation_config": gen,
     }
     if params.get("limit") and params.get("benchmark"):
@@ -119,7 +119,7 @@ def build_spec(model_dir: str, data_dir: str | None, params: dict, work: Path) -
         if folder.is_file():
             folder, subsets = folder.parent, [folder.stem]
         else:
-            subsets = params.get("subsets") or sorted(p.stem for p in folder.glob("*.jsonl"))
+            subsets = sorted(p.stem for p in folder.glob("*.jsonl"))
         if not subsets:
             raise SnaketuneError(f"general_qa folder {folder} has no *.jsonl files")
         if params.get("limit"):
@@ -128,7 +128,7 @@ def build_spec(model_dir: str, data_dir: str | None, params: dict, work: Path) -
         if not data_dir:
             raise SnaketuneError("evalscope_eval needs --data (a dataset folder) or params.general_qa / benchmark")
         folder = work / "general_qa"
-        subsets = [split_to_general_qa(Path(data_dir), params.get("split", "test"), params.get("limit"), folder)]
+        subsets = [split_to_general_qa(Path(data_dir), params["split"], params.get("limit"), folder)]
     spec.update(
         datasets=["general_qa"],
         dataset_args={"general_qa": {
@@ -136,7 +136,6 @@ def build_spec(model_dir: str, data_dir: str | None, params: dict, work: Path) -
             "subset_list": subsets,
             "prompt_template": params.get("prompt_template", "{question}"),
             "metric_list": params.get("metric_list", ["Rouge"]),
-            **({"system_prompt": params["system_prompt"]} if params.get("system_prompt") else {}),
         }},
     )
     return spec
@@ -181,10 +180,10 @@ def run_evalscope(spec: dict, python: str, params: dict, log) -> None:
     env = {**os.environ, "PYTHONPATH": SCRIPTS + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if not params.get("online"):
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.setdefault("OMP_NUM_THREADS", str(params.get("threads", 1)))
+    env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run([python, "-m", "snaketune.evalscope_eval", "--run-task", str(spec_path)],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=float(params.get("timeout_s", 3600)))
+                          timeout=3600)
     log.write(proc.stdout)
     log.flush()
     if proc.returncode != 0:
@@ -193,10 +192,11 @@ def run_evalscope(spec: dict, python: str, params: dict, log) -> None:
 
 
 def evaluate(model_dir: str, data_dir: str | None, params: dict, log=sys.stderr) -> dict:
-    """Run the benchmark on ``model_dir`` (locally or served); returns the eval record."""
+    """Run the benchmark (a benches block) on ``model_dir`` (locally or served); returns the eval record."""
     from snaketune.evaluate import METRICS, model_hash
 
-    metric = params.get("metric", "evalscope" if params.get("benchmark") else "exact_match")
+    params = resolve("benches", params)
+    metric = params["metric"]
     if metric not in (*OUR_METRICS, "evalscope"):
         raise SnaketuneError(f"unknown metric {metric!r}: use exact_match, contains or evalscope")
     via = params.get("via", "local")
@@ -210,8 +210,7 @@ def evaluate(model_dir: str, data_dir: str | None, params: dict, log=sys.stderr)
         spec = build_spec(model_dir, data_dir, params, work)
         if via == "local":
             spec.update(model=str(Path(model_dir).resolve()), eval_type="llm_ckpt",
-                        model_args={"device_map": params.get("device", "cpu"),
-                                    "precision": params.get("precision", "auto")})
+                        model_args={"device_map": params.get("device", "cpu"), "precision": "auto"})
             run_evalscope(spec, python, params, log)
         else:
             from snaketune.serve import ServerProcess, api_key, terminate_as_exit

@@ -79,20 +79,20 @@ def generate(model_dir: str | Path, prompts: list[list[dict]], max_new_tokens: i
 
 
 def evaluate(model_dir: str, data_dir: str, params: dict) -> dict:
-    """Run the benchmark described by ``params`` on ``model_dir``; returns the eval record."""
-    metric = params.get("metric", "exact_match")
+    """Run the benchmark described by ``params`` (a benches block) on ``model_dir``; returns the eval record."""
+    params = resolve("benches", params)
+    metric = params["metric"]
     if metric not in METRICS:
         raise SnaketuneError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
-    cases = load_cases(Path(data_dir), params.get("split", "test"), params.get("limit"))
+    cases = load_cases(Path(data_dir), params["split"], params.get("limit"))
     t0 = time.time()
     if any(c[2] for c in cases):
         check_weights(model_dir, "evaluate")
-        vision.check_model(model_dir, [Path(data_dir) / f"{params.get('split', 'test')}.jsonl"])
+        vision.check_model(model_dir, [Path(data_dir) / f"{params['split']}.jsonl"])
         preds = vision.generate(model_dir, [c[0] for c in cases], [c[2] for c in cases],
-                                params.get("max_new_tokens", 16), params.get("batch_size", 32))
+                                params["max_new_tokens"], params["batch_size"])
     else:
-        preds = generate(model_dir, [c[0] for c in cases], params.get("max_new_tokens", 16),
-                         params.get("batch_size", 32))
+        preds = generate(model_dir, [c[0] for c in cases], params["max_new_tokens"], params["batch_size"])
     hits = [METRICS[metric](p, c[1]) for p, c in zip(preds, cases)]
     return {
         "bench": params.get("name"),

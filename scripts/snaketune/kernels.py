@@ -49,27 +49,30 @@ GPU_DEFAULTS = {"fused_ce": True, "fast_lora": True, "packing": True, "compile":
 def _compile_measured(recipe: dict) -> bool:
     """Whether auto compile applies: the measured set-ups, not qlora's bitsandbytes layers,
     gradient checkpointing or sharded (FSDP/DeepSpeed) parameters."""
-    return (recipe.get("train_type") != "qlora" and not recipe.get("gradient_checkpointing")
-            and (recipe.get("distributed") or {}).get("strategy") not in ("fsdp", "deepspeed"))
+    return (recipe.get("train_type") != "qlora" and not recipe["gradient_checkpointing"]
+            and recipe["distributed"]["strategy"] not in ("fsdp", "deepspeed"))
 
 
 def resolve_options(recipe: dict, cuda: bool) -> dict:
-    """Options for ``apply_speedups`` from a recipe: each key true/false/"auto" (auto: GPU default).
+    """Options for ``apply_speedups`` from a resolved recipe: each key true/false/"auto" (auto: GPU
+    default).
 
-    ``liger`` is accepted as an alias of ``fused_ce``. ``ce_chunk_tokens`` (rows per chunk of the
-    fused cross-entropy) and ``ce_impl`` ("chunked" or "liger") pass through.
+    ``liger`` is an alias of ``fused_ce``: it decides where ``fused_ce`` is left at auto.
+    ``ce_chunk_tokens`` (rows per chunk of the fused cross-entropy) and ``ce_impl`` ("chunked" or
+    "liger") pass through.
     """
     out = {}
     for key in OPTION_KEYS:
-        value = recipe.get(key, recipe.get("liger", "auto") if key == "fused_ce" else "auto")
+        value = recipe[key]
+        if key == "fused_ce" and value == "auto" and recipe.get("liger") is not None:
+            value = recipe["liger"]
         auto = cuda and GPU_DEFAULTS[key] and (key != "compile" or _compile_measured(recipe))
-        out[key] = auto if value in ("auto", None) else bool(value)
+        out[key] = auto if value == "auto" else bool(value)
     if recipe.get("ce_chunk_tokens"):
         out["ce_chunk_tokens"] = int(recipe["ce_chunk_tokens"])
-    if recipe.get("ce_impl"):
-        out["ce_impl"] = str(recipe["ce_impl"])
+    out["ce_impl"] = recipe["ce_impl"]
     for key in ("varlen_rows", "compile_dynamic"):
-        if recipe.get(key):
+        if recipe[key]:
             out[key] = True
     return out
 

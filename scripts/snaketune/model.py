@@ -18,6 +18,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune.schema import resolve
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -156,7 +157,7 @@ def build_tiny_vl(params: dict, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = build_tokenizer(params.get("vocab_size", 1024), params.get("seed", 0), vision=True)
+    tokenizer = build_tokenizer(params["vocab_size"], params.get("seed", 0), vision=True)
     arch = params["architecture"]
     hidden, heads = params.get("hidden_size", 128), params.get("num_attention_heads", 4)
     half = hidden // heads // 2  # M-RoPE splits each head's rotary half over time, height and width
@@ -167,8 +168,7 @@ def build_tiny_vl(params: dict, out: Path) -> None:
                 bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                  "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]})
-    width, depth = params.get("vision_hidden_size", 64), params.get("vision_layers", 2)
-    vheads = params.get("vision_attention_heads", 4)
+    width, depth, vheads = params["vision_hidden_size"], params["vision_layers"], params["vision_attention_heads"]
     if arch == "qwen2_vl":
         vision = dict(depth=depth, embed_dim=width, hidden_size=hidden, num_heads=vheads, mlp_ratio=2)
     else:  # qwen2_5_vl: windowed attention, full attention in the last block
@@ -177,14 +177,14 @@ def build_tiny_vl(params: dict, out: Path) -> None:
     ids = dict(zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
                    tokenizer.convert_tokens_to_ids(VISION_TOKENS)))
     config = AutoConfig.for_model(arch, text_config=text, vision_config=vision,
-                                  tie_word_embeddings=params.get("tie_word_embeddings", True), **ids)
+                                  tie_word_embeddings=params["tie_word_embeddings"], **ids)
     torch.manual_seed(params.get("seed", 0))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[params.get("dtype", "fp32")]
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )
-    pixels = params.get("max_pixels", 112 * 112)
+    pixels = params["max_pixels"]
     processor = Qwen2VLImageProcessorPil(min_pixels=min(56 * 56, pixels), max_pixels=pixels)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -194,13 +194,13 @@ def build_tiny_vl(params: dict, out: Path) -> None:
 def build_tiny(params: dict, out: Path) -> None:
     """Random-init model of a real architecture (qwen2 or llama, or a vision-language one: see
     build_tiny_vl) plus a locally trained tokenizer."""
-    if params.get("architecture") in VISION_ARCHITECTURES:
+    if params["architecture"] in VISION_ARCHITECTURES:
         return build_tiny_vl(params, out)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    tokenizer = build_tokenizer(params.get("vocab_size", 1024), params.get("seed", 0))
-    arch = params.get("architecture", "qwen2")
+    tokenizer = build_tokenizer(params["vocab_size"], params.get("seed", 0))
+    arch = params["architecture"]
     dims = {
         k: params[k]
         for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -212,7 +212,7 @@ def build_tiny(params: dict, out: Path) -> None:
     config = AutoConfig.for_model(
         arch,
         vocab_size=max(len(tokenizer), params.get("padded_vocab_size") or 0),
-        tie_word_embeddings=params.get("tie_word_embeddings", True),
+        tie_word_embeddings=params["tie_word_embeddings"],
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -354,13 +354,14 @@ def convert_gguf(params: dict, out: Path) -> dict:
 
 
 def fetch(params: dict, out: str | os.PathLike) -> dict:
-    """Materialise the model described by ``params`` in ``out`` atomically; returns source.json."""
+    """Materialise the model described by ``params`` (a models block) in ``out`` atomically; returns source.json."""
+    params = resolve("models", params)
     source = params.get("source", "tiny")
     with atomic_dir(out) as tmp:
         record = {"source": source}
         if source == "tiny":
             build_tiny(params, tmp)
-            record.update(architecture=params.get("architecture", "qwen2"), seed=params.get("seed", 0))
+            record.update(architecture=params["architecture"], seed=params.get("seed", 0))
         elif source == "hf":
             record.update(repo=params["repo"], revision=download_hf(params, tmp))
         elif source == "modelscope":

@@ -119,7 +119,7 @@ def build_recipe(method: str, params: dict):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     ignore = params.get("ignore", ["lm_head"])
-    targets = params.get("targets", ["Linear"])
+    targets = ["Linear"]
     if method == "fp8":
         return [QuantizationModifier(targets=targets, scheme="FP8_DYNAMIC", ignore=ignore)]
     group_size = int(params.get("group_size", 128))
@@ -234,7 +234,7 @@ def quantize_bnb(model_dir: str, method: str, params: dict, out: Path) -> dict:
             bnb_4bit_quant_storage=torch.uint8,
         )
     else:
-        qconfig = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=params.get("int8_threshold", 6.0))
+        qconfig = BitsAndBytesConfig(load_in_8bit=True)  # outlier threshold: LLM.int8's 6.0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qconfig, device_map=device)

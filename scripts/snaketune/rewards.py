@@ -165,7 +165,7 @@ def build_reward(entry: dict):
 
 
 def build_rewards(entries: list[dict]) -> tuple[list, list[float]]:
-    """Reward functions and their weights from the ``grpo.rewards`` list."""
+    """Reward functions and their weights from the ``grpo.rewards`` list (schema-resolved: each has a weight)."""
     if not entries:
         raise SnaketuneError("grpo.rewards is empty: name at least one reward (e.g. exact_match)")
-    return [build_reward(e) for e in entries], [float(e.get("weight", 1.0)) for e in entries]
+    return [build_reward(e) for e in entries], [float(e["weight"]) for e in entries]

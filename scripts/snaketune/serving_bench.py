@@ -32,19 +32,14 @@ from pathlib import Path
 
 from snaketune.atomic import write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune.schema import resolve
 from snaketune.serve import ServerProcess, terminate_as_exit
 from snaketune.vision import is_vision
 
-DEFAULTS = {
-    "engine": "transformers",
-    "concurrency": [1, 4],
-    "requests": None,  # per level; None = 4 x concurrency
-    "prompt_tokens": 64,
-    "output_tokens": 32,
-    "warmup": 2,
-    "request_timeout_s": 300,
-    "seed": 0,
-}
+# what the serving keys without a schema default mean when unset; the other defaults are the schema's
+UNSET = {"requests": None, "request_timeout_s": 300, "seed": 0}  # requests None: 4 x concurrency per level
+CONFIG_KEYS = ("engine", "concurrency", "requests", "prompt_tokens", "output_tokens", "warmup", "request_timeout_s",
+               "seed")
 SCHEMA_VERSION = 1
 WORDS = ("the of and to in is you that it was for on are as with they at be this from have or by one "
          "had not but what all were when we there can an your which their said if do will each about "
@@ -193,7 +188,7 @@ def benchmark(model_dir: str, params: dict) -> dict:
     """Start the server, run every level, stop the server; return the result record."""
     from transformers import AutoTokenizer
 
-    cfg = {**DEFAULTS, **params}
+    cfg = {**UNSET, **resolve("serving", params)}
     levels = [int(c) for c in cfg["concurrency"]]
     if not levels or min(levels) < 1:
         raise SnaketuneError("serving_bench.concurrency must be a list of positive integers, e.g. [1, 4]")
@@ -214,7 +209,7 @@ def benchmark(model_dir: str, params: dict) -> dict:
         "schema_version": SCHEMA_VERSION,
         "model": str(Path(model_dir).resolve()),
         "engine": cfg["engine"],
-        "config": {k: cfg[k] for k in DEFAULTS},
+        "config": {k: cfg[k] for k in CONFIG_KEYS},
         "images_per_request": 1 if images else 0,
         "host": platform.node(),
         "python": sys.version.split()[0],

@@ -30,6 +30,7 @@ from snaketune import kernels, vision
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune.registry import FULL_TYPES, LORA_TYPES
+from snaketune.schema import resolve
 
 LABELS_VERSION = 2  # of tokenize_sft's label policy; part of the tokenized-cache key
 BASE_REWRITING = ("pissa", "olora")  # their init rewrites the base weights (see keep_initial_adapter)
@@ -122,8 +123,8 @@ def cache_key(data_dirs: list[Path], stage: str, base: str, tokenizer, recipe: d
         "tokenizer": {f.name: sha256_file(f) for f in sorted(Path(base).glob("tokenizer*"))},
         "template": tokenizer.chat_template,
         "stage": stage,
-        "max_length": recipe.get("max_length", 2048),
-        "truncation": recipe.get("truncation", "truncate"),
+        "max_length": recipe["max_length"],
+        "truncation": recipe["truncation"],
         "system": recipe.get("system"),
         "labels": LABELS_VERSION,
     }
@@ -137,8 +138,8 @@ def tokenized(data_dirs: list[str], stage: str, base: str, tokenizer, recipe: di
     """Tokenized rows and stats, from ``cache_dir/<content hash>`` when an earlier run made them."""
     from datasets import Dataset, load_from_disk
 
-    args = ([Path(d) for d in data_dirs], stage, tokenizer, recipe.get("max_length", 2048),
-            recipe.get("truncation", "truncate"), recipe.get("system"), images, split)
+    args = ([Path(d) for d in data_dirs], stage, tokenizer, recipe["max_length"],
+            recipe["truncation"], recipe.get("system"), images, split)
     if not cache_dir:
         rows, stats = tokenize_dataset(*args)
         return Dataset.from_list(rows), stats
@@ -177,7 +178,7 @@ def held_out(data_dirs: list[str], stage: str, base: str, tokenizer, recipe: dic
 def pick_dtype(recipe: dict, cuda: bool):
     import torch
 
-    name = recipe.get("dtype", "auto")
+    name = recipe["dtype"]
     if name == "auto":
         name = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
@@ -185,20 +186,20 @@ def pick_dtype(recipe: dict, cuda: bool):
 
 def qlora_config(q: dict, dtype):
     """bitsandbytes settings of a QLoRA base from the recipe's ``quantization`` block (as
-    training.json records it in ``base_quantization``): 4-bit NF4 with double quantization unless
-    it says otherwise."""
+    training.json records it in ``base_quantization``), its keys unset taking the schema's defaults
+    (4-bit NF4 with double quantization)."""
     from transformers import BitsAndBytesConfig
 
-    bits = q.get("bits", 4)
+    q = resolve("recipes.quantization", q)
     return BitsAndBytesConfig(
-        load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type=q.get("quant_type", "nf4"),
-        bnb_4bit_use_double_quant=q.get("double_quant", True), bnb_4bit_compute_dtype=dtype)
+        load_in_4bit=q["bits"] == 4, load_in_8bit=q["bits"] == 8, bnb_4bit_quant_type=q["quant_type"],
+        bnb_4bit_use_double_quant=q["double_quant"], bnb_4bit_compute_dtype=dtype)
 
 
 def saved_dtype(base: str, recipe: dict) -> str | None:
     """The dtype a trained full model is cast to when saved: its base's, if it trained on fp32
     master weights from a bf16/fp16 base; None (saved as trained) otherwise."""
-    if recipe.get("train_type") in FULL_TYPES and recipe.get("master_weights", "fp32") == "fp32":
+    if recipe.get("train_type") in FULL_TYPES and recipe["master_weights"] == "fp32":
         declared = base_dtype(base)
         return declared if declared in ("bfloat16", "float16") else None
     return None
@@ -212,7 +213,7 @@ def load_model(base: str, recipe: dict, dtype, cuda: bool):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     auto = AutoModelForImageTextToText if vision.is_vision(base) else AutoModelForCausalLM
-    if recipe.get("train_type") in FULL_TYPES and recipe.get("master_weights", "fp32") == "fp32":
+    if recipe.get("train_type") in FULL_TYPES and recipe["master_weights"] == "fp32":
         # trained weights stay fp32; bf16/fp16 runs compute under autocast. Pure-bf16 weights lose
         # AdamW updates smaller than bf16's precision (benchmarks/NOTES.md, strategies run).
         import torch
@@ -225,7 +226,7 @@ def load_model(base: str, recipe: dict, dtype, cuda: bool):
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if cuda else None
     model = auto.from_pretrained(base, dtype=dtype, device_map=device_map,
                                  quantization_config=qlora_config(recipe.get("quantization", {}), dtype))
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.get("gradient_checkpointing", False))
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe["gradient_checkpointing"])
 
 
 def decoder_layers(model):
@@ -265,13 +266,13 @@ def wrap_model(model, recipe: dict):
         raise SnaketuneError(f"unknown train_type {train_type!r}: use one of {', '.join(FULL_TYPES + LORA_TYPES)}")
     from peft import LoraConfig, get_peft_model
 
-    lora = recipe.get("lora", {})
+    lora = recipe["lora"]
     config = LoraConfig(
-        r=lora.get("r", 8),
-        lora_alpha=lora.get("alpha", 32),
-        lora_dropout=lora.get("dropout", 0.0),
-        target_modules=vision.lora_targets(model, recipe) if vl and lora.get("target_modules", "all-linear") == "all-linear"
-        else lora.get("target_modules", "all-linear"),
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=vision.lora_targets(model, recipe) if vl and lora["target_modules"] == "all-linear"
+        else lora["target_modules"],
         modules_to_save=lora.get("modules_to_save"),
         use_dora=train_type == "dora",
         use_rslora=train_type == "rslora",
@@ -307,7 +308,7 @@ def prepare_model(model, recipe: dict, cuda: bool):
     """Make a loaded model ready to train: activation checkpointing, the train_type's wrapping
     (full/freeze/LoRA family) and the speed-ups the recipe asks for. The speed benchmark calls
     this same function."""
-    if recipe.get("gradient_checkpointing") and recipe.get("train_type") != "qlora":
+    if recipe["gradient_checkpointing"] and recipe.get("train_type") != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = wrap_model(model, recipe)
@@ -319,7 +320,7 @@ def prepare_model(model, recipe: dict, cuda: bool):
 
 def sharded(recipe: dict) -> bool:
     """Whether the recipe shards the model over processes (FSDP2 or DeepSpeed)."""
-    return recipe.get("distributed", {}).get("strategy") in ("fsdp", "deepspeed")
+    return recipe["distributed"]["strategy"] in ("fsdp", "deepspeed")
 
 
 def single_process_group() -> None:
@@ -336,7 +337,7 @@ def single_process_group() -> None:
 
 def optimizer(recipe: dict, cuda: bool) -> str:
     """The recipe's ``optim`` as a transformers optimizer name (auto: fused AdamW on GPU)."""
-    name = recipe.get("optim", "auto")
+    name = recipe["optim"]
     if name == "auto":
         return "adamw_torch_fused" if cuda else "adamw_torch"
     return name
@@ -349,30 +350,30 @@ def trainer_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, t
     args = dict(
         output_dir=str(checkpoints),
         max_steps=total_steps,
-        per_device_train_batch_size=recipe.get("batch_size", 8),
-        gradient_accumulation_steps=recipe.get("gradient_accumulation_steps", 1),
+        per_device_train_batch_size=recipe["batch_size"],
+        gradient_accumulation_steps=recipe["gradient_accumulation_steps"],
         learning_rate=recipe["learning_rate"],  # its default is the schema's
-        lr_scheduler_type=recipe.get("lr_scheduler", "cosine"),
-        warmup_steps=recipe.get("warmup_ratio", 0.0),  # a float < 1 is a ratio (transformers 5)
-        weight_decay=recipe.get("weight_decay", 0.0),
-        max_grad_norm=recipe.get("max_grad_norm", 1.0),
-        logging_steps=recipe.get("logging_steps", 10),
+        lr_scheduler_type=recipe["lr_scheduler"],
+        warmup_steps=recipe["warmup_ratio"],  # a float < 1 is a ratio (transformers 5)
+        weight_decay=recipe["weight_decay"],
+        max_grad_norm=recipe["max_grad_norm"],
+        logging_steps=recipe["logging_steps"],
         save_strategy="steps",
-        save_steps=recipe.get("save_steps", 200),
+        save_steps=recipe["save_steps"],
         save_total_limit=2,
         seed=seed,
         data_seed=seed,
-        full_determinism=not cuda or recipe.get("deterministic", False),
+        full_determinism=not cuda or recipe["deterministic"],
         bf16=dtype_name == "bf16",
         fp16=dtype_name == "fp16",
         use_cpu=not cuda,
         optim=optimizer(recipe, cuda),
-        adam_beta1=recipe.get("adam_beta1", 0.9),
-        adam_beta2=recipe.get("adam_beta2", 0.999),
-        adam_epsilon=recipe.get("adam_epsilon", 1e-8),
+        adam_beta1=recipe["adam_beta1"],
+        adam_beta2=recipe["adam_beta2"],
+        adam_epsilon=recipe["adam_epsilon"],
         include_num_input_tokens_seen="non_padding",
         **({"eval_strategy": "steps", "eval_steps": recipe["eval_steps"], "prediction_loss_only": True,
-            "per_device_eval_batch_size": recipe.get("batch_size", 8)} if recipe.get("eval_steps") else {}),
+            "per_device_eval_batch_size": recipe["batch_size"]} if recipe.get("eval_steps") else {}),
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -384,19 +385,19 @@ def trainer_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, t
 
 def distributed_args(recipe: dict, cuda: bool) -> dict:
     """TrainingArguments for the recipe's multi-process strategy: ddp, fsdp (FSDP2) or deepspeed."""
-    dist = recipe.get("distributed", {})
-    strategy = dist.get("strategy", "ddp")
+    dist = recipe["distributed"]
+    strategy = dist["strategy"]
     args = {"ddp_backend": "nccl" if cuda else "gloo", "ddp_find_unused_parameters": False}
     if strategy == "fsdp":
         args["fsdp"] = True
-        args["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "cpu_offload": bool(dist.get("offload")),
-                               "activation_checkpointing": bool(recipe.get("gradient_checkpointing")),
+        args["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "cpu_offload": dist["offload"],
+                               "activation_checkpointing": recipe["gradient_checkpointing"],
                                "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}
     elif strategy == "deepspeed":
-        stage = dist.get("zero_stage", 3)
+        stage = dist["zero_stage"]
         zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
                 "stage3_gather_16bit_weights_on_model_save": True}
-        if dist.get("offload"):
+        if dist["offload"]:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
             if stage == 3:
                 zero["offload_param"] = {"device": "cpu", "pin_memory": True}
@@ -673,9 +674,10 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
 
     from snaketune.tracking import NullRun
 
+    recipe = resolve("recipes", recipe)
     cuda = torch.cuda.is_available()
     if not cuda:
-        torch.set_num_threads(recipe.get("threads", 1))
+        torch.set_num_threads(recipe["threads"])
     dtype_name, dtype = pick_dtype(recipe, cuda)
     stage = recipe.get("stage", "sft")
     train_type = recipe.get("train_type", "lora")
@@ -706,10 +708,10 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    batch = recipe.get("batch_size", 8)
-    accum = recipe.get("gradient_accumulation_steps", 1)
+    batch = recipe["batch_size"]
+    accum = recipe["gradient_accumulation_steps"]
     steps_per_epoch = math.ceil(len(dataset) / (batch * accum * world))
-    total_steps = recipe.get("max_steps") or math.ceil(steps_per_epoch * recipe.get("epochs", 1))
+    total_steps = recipe.get("max_steps") or math.ceil(steps_per_epoch * recipe["epochs"])
     # logging_nan_inf_filter=False: the filter reads the loss back every step (a host sync that
     # idles the GPU); a NaN loss is logged as NaN instead of being replaced by the running mean
     args = TrainingArguments(**trainer_args(recipe, checkpoints, cuda, dtype_name, total_steps),
@@ -763,7 +765,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "dtype": dtype_name,
         "world_size": world,
         "speedups": {k: speedups.get(k) for k in kernels.OPTION_KEYS},
-        "base_quantization": recipe.get("quantization", {"bits": 4, "quant_type": "nf4"})
+        "base_quantization": resolve("recipes.quantization", recipe.get("quantization", {}))
         if train_type == "qlora" else None,
         "data": data_stats,
         "log_history": trainer.state.log_history,
@@ -838,7 +840,7 @@ def main(argv=None):
     ap.add_argument("--checkpoints", help="checkpoint folder (default: <out>.checkpoints)")
     ap.add_argument("--cache-dir", help="tokenized-data cache folder (default: no cache)")
     args = ap.parse_args(argv)
-    recipe = json.loads(args.params)
+    recipe = resolve("recipes", json.loads(args.params))
     from snaketune.tracking import step_run
 
     with step_run("train", recipe, tracking_resume(args.out, args.checkpoints, recipe, [args.base, *args.data])) as run:

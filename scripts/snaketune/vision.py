@@ -162,9 +162,9 @@ def lora_targets(model, recipe: dict) -> list[str]:
         if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
             continue
         if name.startswith(PROJECTOR):
-            if recipe.get("freeze_projector", True):
+            if recipe["freeze_projector"]:
                 continue
-        elif name.startswith(VISION_PREFIX) and recipe.get("freeze_vision", True):
+        elif name.startswith(VISION_PREFIX) and recipe["freeze_vision"]:
             continue
         names.append(name)
     return names
@@ -175,9 +175,9 @@ def freeze_parts(model, recipe: dict):
     ``freeze_projector``."""
     for name, param in model.named_parameters():
         if name.startswith(PROJECTOR):
-            param.requires_grad = not recipe.get("freeze_projector", True)
+            param.requires_grad = not recipe["freeze_projector"]
         elif name.startswith(VISION_PREFIX):
-            param.requires_grad = not recipe.get("freeze_vision", True)
+            param.requires_grad = not recipe["freeze_vision"]
     return model
 
 
