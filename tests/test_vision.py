@@ -208,6 +208,40 @@ def test_freeze_keys_choose_what_trains(vl_model):
     assert trainable({"train_type": "lora", "freeze_projector": False}) == {"language_model", "visual.merger"}
 
 
+@pytest.mark.parametrize("train_type", ["full", "lora", "qlora"])
+def test_qwen2_5_vl_trains_merges_and_evaluates(train_type, tmp_path):
+    """The same steps on the other tested architecture (a few steps: the mechanics, not learning);
+    QLoRA keeps the vision tower and merger unquantized."""
+    from snaketune.evaluate import evaluate
+    from snaketune.merge import merge
+    from snaketune.model import fetch
+    from snaketune.train import train
+
+    fetch({**VL, "architecture": "qwen2_5_vl"}, tmp_path / "m")
+    prepare({"source": "synthetic", "task": "shapes", "n_train": 32, "n_test": 4, "questions": ["colour", "count"]},
+            tmp_path / "d")
+    recipe = {"stage": "sft", "train_type": train_type, "learning_rate": 1e-3, "batch_size": 8, "max_steps": 4,
+              "freeze_vision": False, "lora": {"r": 4, "alpha": 8}}
+    summary = train(str(tmp_path / "m"), [str(tmp_path / "d")], recipe, str(tmp_path / "out"))
+    assert summary["steps"] == 4 and summary["data"]["samples"] == 32
+    model = tmp_path / "out"
+    if train_type == "qlora":
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        from snaketune.train import qlora_config
+
+        base = AutoModelForImageTextToText.from_pretrained(tmp_path / "m", quantization_config=qlora_config(
+            {}, torch.float32, vision=True))
+        four_bit = {n.split(".")[1] for n, m in base.named_modules() if type(m).__name__ == "Linear4bit"}
+        assert four_bit == {"language_model"}
+    if train_type != "full":  # freeze_vision false: adapters on the vision blocks too
+        assert any("visual.blocks" in t for t in json.loads((model / "adapter_config.json").read_text())["target_modules"])
+        merge(str(tmp_path / "m"), str(model), str(tmp_path / "merged"))
+        model = tmp_path / "merged"
+    assert evaluate(str(model), str(tmp_path / "d"), {"name": "s", "max_new_tokens": 2})["n"] == 4
+
+
 def test_fp8_quantizes_the_language_model_only(vl_model, tmp_path):
     from safetensors import safe_open
 

@@ -20,6 +20,7 @@ from snaketune.atomic import atomic_file, write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune import vision
 from snaketune.model import check_weights, hash_tree
+from snaketune.schema import resolve
 
 METRICS = {
     "exact_match": lambda pred, ref: pred.strip() == ref.strip(),

@@ -59,7 +59,8 @@ def merge(base: str, adapter: str, out: str) -> dict:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained.get("dtype"), torch.float32)
         device = "cuda" if torch.cuda.is_available() else None
         load = lambda: auto.from_pretrained(  # noqa: E731
-            base, dtype=torch.float32, device_map=device, quantization_config=qlora_config(quantized, torch.float32))
+            base, dtype=torch.float32, device_map=device,
+            quantization_config=qlora_config(quantized, torch.float32, is_vision(base)))
         as_trained = PeftModel.from_pretrained(load(), adapter).eval()
         as_trained.enable_input_require_grads()  # as in training: bitsandbytes' training matmul, which also
         with torch.enable_grad():                # takes widths its inference kernels refuse on CPU

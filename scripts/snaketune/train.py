@@ -184,16 +184,18 @@ def pick_dtype(recipe: dict, cuda: bool):
     return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def qlora_config(q: dict, dtype):
+def qlora_config(q: dict, dtype, vision: bool = False):
     """bitsandbytes settings of a QLoRA base from the recipe's ``quantization`` block (as
     training.json records it in ``base_quantization``), its keys unset taking the schema's defaults
-    (4-bit NF4 with double quantization)."""
+    (4-bit NF4 with double quantization). ``vision``: a vision-language model, whose vision tower
+    and merger (and LM head) stay unquantized."""
     from transformers import BitsAndBytesConfig
 
     q = resolve("recipes.quantization", q)
     return BitsAndBytesConfig(
         load_in_4bit=q["bits"] == 4, load_in_8bit=q["bits"] == 8, bnb_4bit_quant_type=q["quant_type"],
-        bnb_4bit_use_double_quant=q["double_quant"], bnb_4bit_compute_dtype=dtype)
+        bnb_4bit_use_double_quant=q["double_quant"], bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=["model.visual", "lm_head"] if vision else None)
 
 
 def saved_dtype(base: str, recipe: dict) -> str | None:
@@ -225,7 +227,8 @@ def load_model(base: str, recipe: dict, dtype, cuda: bool):
 
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if cuda else None
     model = auto.from_pretrained(base, dtype=dtype, device_map=device_map,
-                                 quantization_config=qlora_config(recipe.get("quantization", {}), dtype))
+                                 quantization_config=qlora_config(recipe.get("quantization", {}), dtype,
+                                                                  vision.is_vision(base)))
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe["gradient_checkpointing"])
 
 
