@@ -129,6 +129,23 @@ def test_placeholders_and_content_parts_read_alike_and_images_are_copied(tmp_pat
     assert (tmp_path / "out" / out[0]["images"][0]).read_bytes() == (tmp_path / "a.png").read_bytes()
 
 
+def test_parquet_images_as_bytes_are_read(tmp_path):
+    """A Parquet file (or hub dataset) holding images as {bytes, path} (datasets' Image feature)."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 30), COLOURS["red"]).save(buffer, format="PNG")
+    rows = [{"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "red"}],
+             "images": [{"bytes": buffer.getvalue(), "path": None}]}] * 3
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    manifest = prepare({"source": "local", "path": str(tmp_path / "d.parquet"), "test_size": 1}, tmp_path / "out")
+    row = read_jsonl(tmp_path / "out/train.jsonl")[0]
+    assert manifest["images"] == 1 and (tmp_path / "out" / row["images"][0]).read_bytes() == buffer.getvalue()
+
+
 @pytest.mark.parametrize("row, field, says", [
     ({"messages": [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "x"}],
       "images": ["missing.png"]}, "images[0]", "no such file"),
