@@ -21,6 +21,7 @@ from snaketune.errors import SnaketuneError, cli
 from snaketune import vision
 from snaketune.model import check_weights, hash_tree
 from snaketune.schema import resolve
+from snaketune.schema import resolve
 
 METRICS = {
     "exact_match": lambda pred, ref: pred.strip() == ref.strip(),
