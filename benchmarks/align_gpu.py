@@ -47,7 +47,7 @@ VARIANTS = ("dapo", "dr_grpo", "bnpo", "gspo", "cispo", "sapo", "luspo", "vespo"
 def heldout(data_dir: Path) -> list[dict]:
     """The right answer of each held-out sum against answers off by +-1, +-2, +-10."""
     from snaketune.data import addition_pairs
-    from snaketune.train import read_jsonl
+    from snaketune.files import read_jsonl
 
     return addition_pairs(read_jsonl(data_dir / "test.jsonl"))
 
@@ -107,7 +107,8 @@ def quality_rows(work: Path, only, dtype: str) -> list[dict]:
     from snaketune.model import fetch
     from snaketune.rewards import load_reward_model
     from snaketune.tracking import MemoryRun
-    from snaketune.train import read_jsonl, train
+    from snaketune.files import read_jsonl
+    from snaketune.train import train
 
     tiny, arith = work / "tiny", work / "arith20"
     fetch(TINY, tiny)

@@ -8,6 +8,7 @@ import pytest
 
 from snaketune import model as model_step
 from snaketune.errors import SnaketuneError
+from snaketune.files import model_files
 from conftest import TINY
 
 
@@ -28,7 +29,7 @@ def test_tiny_model_loads_and_chats(tiny_model):
 def test_tiny_model_is_reproducible(tmp_path):
     model_step.fetch(TINY, tmp_path / "a")
     model_step.fetch(TINY, tmp_path / "b")
-    assert model_step.hash_tree(tmp_path / "a") == model_step.hash_tree(tmp_path / "b")
+    assert model_files(tmp_path / "a") == model_files(tmp_path / "b")
 
 
 def _fake_snapshot(local_dir, **_):
@@ -86,7 +87,7 @@ def test_modelscope_missing_package_is_advice(tmp_path, monkeypatch):
 
 def test_local_source_links_files(tiny_model, tmp_path):
     record = model_step.fetch({"source": "local", "path": str(tiny_model)}, tmp_path / "copy")
-    assert record["files"] == {k: v for k, v in model_step.hash_tree(tiny_model).items()}
+    assert record["files"] == model_files(tiny_model)
 
 
 def test_local_source_without_config_is_advice(tmp_path):
@@ -101,7 +102,7 @@ def test_model_hash_is_the_models_files_not_the_records_of_its_run(tiny_model, t
     file of the model is."""
     import shutil
 
-    from snaketune.evaluate import model_hash
+    from snaketune.files import model_hash
 
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(tiny_model, a)

@@ -42,12 +42,13 @@ import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
+from snaketune.files import read_jsonl
 from snaketune.registry import LORA_TYPES, STAGES
 from snaketune.schema import resolve
 from snaketune.tracking import NullRun
 from snaketune.train import (EXIT_REQUEUE, Preempted, claim_checkpoints, inputs_fingerprint, tracking_resume,
                              keep_initial_adapter, latest_checkpoint, load_model, make_callback, pick_dtype,
-                             read_jsonl, save, saved_dtype, trainer_args, wrap_model)
+                             save, saved_dtype, trainer_args, wrap_model)
 
 ALIGN_STAGES = [name for name, stage in STAGES.items() if stage.step == "align"]
 GRPO_VARIANTS = ("grpo", "dapo", "dr_grpo", "bnpo", "gspo", "cispo", "sapo", "luspo", "vespo", "rloo",

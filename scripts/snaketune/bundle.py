@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -46,6 +45,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_file
 from snaketune.errors import SnaketuneError, cli
+from snaketune.files import hash_tree, sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 SKIP_DIRS = {"bundles", "cache", "mlartifacts", "checkpoints"}
@@ -55,23 +55,6 @@ CODE_DIRS = ("workflow", "scripts", "envs", "configs", "profiles", "ci")
 TRAINING_METRICS = ("train_loss", "first_loss", "final_loss", "steps")
 EXIT_FAILED = 1
 EXIT_NEEDS_CONSENT = 3
-
-
-# ----------------------------------------------------------------------------------------- hashes
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def hash_tree(folder: Path, base: Path | None = None) -> dict[str, str]:
-    """sha256 of every file under ``folder``, keyed by the path relative to ``base``."""
-    base = base or folder
-    return {str(f.relative_to(base)): sha256_file(f) for f in sorted(folder.rglob("*"))
-            if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)}
 
 
 def _skipped(rel: Path) -> bool:
@@ -329,14 +312,14 @@ def inputs_hashes(results: Path, config: dict) -> dict:
             src = folder / "source.json"
             models[name] = {"source": {k: block.get(k) for k in ("source", "repo", "revision", "path") if block.get(k)},
                             "source_json": json.loads(src.read_text()) if src.is_file() else None,
-                            "files": hash_tree(folder, results)}
+                            "files": hash_tree(folder, results, hidden=False)}
     datasets = {}
     for name, block in config.get("datasets", {}).items():
         folder = results / "datasets" / name
         if folder.is_dir():
             datasets[name] = {"source": {k: block.get(k) for k in ("source", "repo", "revision", "path", "test_path")
                                          if block.get(k)},
-                              "files": hash_tree(folder, results)}
+                              "files": hash_tree(folder, results, hidden=False)}
     return {"models": models, "datasets": datasets}
 
 
@@ -485,7 +468,7 @@ def pack(config: dict, repo: Path, out: Path, results: Path = Path("results"), i
             "names it and the sha256 of every file); every trained weight is rebuilt by the run and its "
             "sha256 is in `hashes/artifacts.json`. Pack with `reproduce.include_weights: true` (or "
             "`--include-weights`) to carry them.\n"))
-        manifest = {str(f.relative_to(top)): sha256_file(f) for f in sorted(top.rglob("*")) if f.is_file()}
+        manifest = hash_tree(top)
         (top / "MANIFEST.json").write_text(json.dumps({"algorithm": "sha256", "files": manifest}, indent=1) + "\n")
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(out, "wb") as fh:

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
+from snaketune.files import jsonl_rows, model_hash, read_jsonl
 from snaketune.schema import resolve
 
 DEFAULT_PYTHON = ".venv-evalscope/bin/python"
@@ -77,11 +78,9 @@ def split_to_general_qa(data_dir: Path, split: str, limit: int | None, out_dir: 
                              "dataset step writes (train or test)")
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
-    with open(src, encoding="utf-8") as fh, open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as out:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            msgs = json.loads(line).get("messages")
+    with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as out:
+        for lineno, row in jsonl_rows(src):
+            msgs = row.get("messages")
             if not msgs or msgs[-1].get("role") != "assistant":
                 raise SnaketuneError(f"{src}:{lineno}: expected chat rows ending in an assistant turn")
             out.write(json.dumps({"messages": msgs[:-1], "answer": msgs[-1]["content"]}, ensure_ascii=False) + "\n")
@@ -145,18 +144,14 @@ def read_results(work_dir: Path) -> tuple[list[dict], dict]:
     """Per-sample (prompt, reference, prediction) from EvalScope's reviews, and its report metrics."""
     samples = []
     for path in sorted(work_dir.glob("reviews/*/*.jsonl")):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                r = json.loads(line)
-                score = r["sample_score"]["score"]
-                target = r.get("target")
-                reference = target[0] if isinstance(target, list) and target else target
-                prompt = next((m["content"] for m in reversed(r.get("messages", [])) if m.get("role") == "user"), None)
-                samples.append({"subset": path.stem, "index": r.get("index"), "prompt": prompt,
-                                "reference": reference, "prediction": score.get("prediction"),
-                                "scores": score.get("value", {})})
+        for r in read_jsonl(path):
+            score = r["sample_score"]["score"]
+            target = r.get("target")
+            reference = target[0] if isinstance(target, list) and target else target
+            prompt = next((m["content"] for m in reversed(r.get("messages", [])) if m.get("role") == "user"), None)
+            samples.append({"subset": path.stem, "index": r.get("index"), "prompt": prompt,
+                            "reference": reference, "prediction": score.get("prediction"),
+                            "scores": score.get("value", {})})
     metrics = {}
     for path in sorted(work_dir.glob("reports/*/*.json")):
         rep = json.loads(path.read_text())
@@ -193,7 +188,7 @@ def run_evalscope(spec: dict, python: str, params: dict, log) -> None:
 
 def evaluate(model_dir: str, data_dir: str | None, params: dict, log=sys.stderr) -> dict:
     """Run the benchmark (a benches block) on ``model_dir`` (locally or served); returns the eval record."""
-    from snaketune.evaluate import METRICS, model_hash
+    from snaketune.evaluate import METRICS
 
     params = resolve("benches", params)
     metric = params["metric"]

@@ -11,7 +11,6 @@ prediction, score) goes to the predictions file, ``<bench>.predictions.jsonl`` b
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -19,20 +18,14 @@ from pathlib import Path
 from snaketune.atomic import atomic_file, write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune import vision
-from snaketune.model import check_weights, hash_tree
-from snaketune.schema import resolve
+from snaketune.files import jsonl_rows, model_hash
+from snaketune.model import check_weights
 from snaketune.schema import resolve
 
 METRICS = {
     "exact_match": lambda pred, ref: pred.strip() == ref.strip(),
     "contains": lambda pred, ref: ref.strip() in pred,
 }
-
-
-def model_hash(folder: str | Path) -> str:
-    """One sha256 over the sha256 of every file in a model folder (stable across copies)."""
-    files = hash_tree(folder)
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def load_cases(data_dir: Path, split: str, limit: int | None) -> list[tuple[list[dict], str, list[str]]]:
@@ -42,12 +35,9 @@ def load_cases(data_dir: Path, split: str, limit: int | None) -> list[tuple[list
         raise SnaketuneError(f"benchmark split {path} does not exist: set benches.<name>.split "
                              "to a split the dataset step writes (train or test)")
     cases = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                row = json.loads(line)
-                msgs = row["messages"]
-                cases.append((msgs[:-1], msgs[-1]["content"], [str(data_dir / p) for p in row.get("images", [])]))
+    for _, row in jsonl_rows(path):
+        msgs = row["messages"]
+        cases.append((msgs[:-1], msgs[-1]["content"], [str(data_dir / p) for p in row.get("images", [])]))
     if not cases:
         raise SnaketuneError(f"benchmark split {path} has no rows: give the bench's dataset chat rows in that "
                              "split (test_size or test_path for test), or set benches.<name>.split")

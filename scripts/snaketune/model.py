@@ -10,7 +10,6 @@ The folder gets a ``source.json`` naming where it came from and the sha256 of ev
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune.files import folder_size, model_files, sha256_file
 from snaketune.schema import resolve
 
 CHATML_TEMPLATE = (
@@ -80,30 +80,6 @@ def check_weights(folder: str | Path, step: str) -> None:
         raise SnaketuneError(f"{step}: damaged weights in {folder}: {'; '.join(problems[:3])}. Snakemake does not "
                              "notice a damaged output; rebuild it with `snakemake --forcerun <the rule that wrote "
                              f"it> {folder}` (or delete the folder and run again)")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of one file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-# records of how a model folder was made (durations, paths): not part of what the model is
-RECORDS = ("source.json", "training.json", "merge.json", "quantization.json")
-
-
-def hash_tree(folder: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (relative path -> hex), skipping the RECORDS, so that
-    a rerun (or a resumed run) that made the same files has the same hash."""
-    root = Path(folder)
-    return {
-        str(p.relative_to(root)): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in RECORDS
-    }
 
 
 def tokenizer_corpus(seed: int = 0, n: int = 4000, words: tuple[str, ...] | list[str] = CORPUS_WORDS) -> list[str]:
@@ -373,7 +349,7 @@ def fetch(params: dict, out: str | os.PathLike) -> dict:
             record.update(convert_gguf(params, tmp))
         else:
             raise SnaketuneError(f"unknown model source {source!r}: use tiny, hf, modelscope, local or gguf")
-        record["files"] = hash_tree(tmp)
+        record["files"] = model_files(tmp)
         write_json(tmp / "source.json", record)
     return record
 
@@ -389,7 +365,7 @@ def main(argv=None):
 
     with step_run("model", params) as run:
         record = fetch(params, args.out)
-        size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+        size = folder_size(args.out)
         run.log_metrics({"size_bytes": size, "files": len(record["files"])})
         run.log_artifact(Path(args.out) / "source.json")
         run.log_artifact(Path(args.out) / "config.json")

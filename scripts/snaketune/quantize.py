@@ -35,17 +35,13 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune.files import folder_size, jsonl_rows
 from snaketune.model import check_weights
 from snaketune.registry import METHODS
 from snaketune.vision import is_vision
 
 NF4_CPU_BLOCK = 64  # input-width granularity of bitsandbytes' 4-bit CPU kernels
 DEFAULT_CALIBRATION = {"samples": 64, "seed": 0, "max_length": 256}
-
-
-def dir_size(folder: str | os.PathLike) -> int:
-    """Bytes of all files under ``folder``."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def calibration_texts(data_dir: str | os.PathLike, tokenizer, samples: int, seed: int) -> list[str]:
@@ -57,14 +53,10 @@ def calibration_texts(data_dir: str | os.PathLike, tokenizer, samples: int, seed
             "with train.jsonl"
         )
     rows = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "messages" not in row:
-                raise SnaketuneError(f"{path}:{lineno} has no 'messages': calibration needs chat rows")
-            rows.append(row["messages"])
+    for lineno, row in jsonl_rows(path):
+        if "messages" not in row:
+            raise SnaketuneError(f"{path}:{lineno} has no 'messages': calibration needs chat rows")
+        rows.append(row["messages"])
     if not rows:
         raise SnaketuneError(f"{path} is empty: calibration needs at least one chat row")
     if getattr(tokenizer, "chat_template", None) is None:
@@ -299,8 +291,8 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
             record.update(quantize_llmc(model_dir, texts, method, params, tmp, cal))
         else:
             record.update(quantize_bnb(model_dir, method, params, tmp))
-        record["size_bytes"] = dir_size(tmp)
-        record["source_size_bytes"] = dir_size(model_dir)
+        record["size_bytes"] = folder_size(tmp)
+        record["source_size_bytes"] = folder_size(model_dir)
         record["duration_s"] = round(time.time() - start, 2)
         write_json(tmp / "quantization.json", record)
     return record

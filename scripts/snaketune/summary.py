@@ -18,10 +18,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_file, write_json
 from snaketune.errors import cli
-
-
-def folder_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+from snaketune.files import folder_size
 
 
 def row_for(eval_path: str) -> dict:

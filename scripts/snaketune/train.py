@@ -29,17 +29,13 @@ from pathlib import Path
 from snaketune import kernels, vision
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune.files import read_jsonl, sha256_file
 from snaketune.registry import FULL_TYPES, LORA_TYPES
 from snaketune.schema import resolve
 
 LABELS_VERSION = 2  # of tokenize_sft's label policy; part of the tokenized-cache key
 BASE_REWRITING = ("pissa", "olora")  # their init rewrites the base weights (see keep_initial_adapter)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpoint written, rerun to resume
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def tokenize_sft(messages: list[dict], tokenizer, max_length: int, system: str | None = None,
@@ -115,8 +111,6 @@ def tokenize_dataset(data_dirs: list[Path], stage: str, tokenizer, max_length: i
 
 def cache_key(data_dirs: list[Path], stage: str, base: str, tokenizer, recipe: dict, split: str | None = None) -> str:
     """Content hash of everything tokenization depends on: data, tokenizer, template, length policy."""
-    from snaketune.model import sha256_file
-
     split = split or ("pretrain" if stage == "pt" else "train")
     parts = {
         "data": [sha256_file(Path(d) / f"{split}.jsonl") for d in data_dirs],

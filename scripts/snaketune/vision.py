@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError
+from snaketune.files import jsonl_rows
 
 VISION_PREFIX = "model.visual."  # Qwen2-VL / Qwen2.5-VL: the vision tower, its merger under .merger
 PROJECTOR = "model.visual.merger."
@@ -30,8 +31,7 @@ def rows_with_images(path: Path) -> list[int]:
     """Line numbers of the rows of a JSONL file that have images."""
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [n for n, line in enumerate(fh, 1) if line.strip() and json.loads(line).get("images")]
+    return [n for n, row in jsonl_rows(path) if row.get("images")]
 
 
 def check_model(base: str | Path, files: list[Path]) -> bool:

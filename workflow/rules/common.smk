@@ -11,6 +11,7 @@ from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
 from snaketune.data import image_files, kinds
+from snaketune.files import folder_size
 from snaketune.registry import LORA_TYPES, METHODS, STAGES
 
 min_version("9.0")
@@ -365,12 +366,6 @@ def _optional_keys():
     return sorted({k for b in blocks for k in b} - {"gpu", "nodes", "mem_mb", "runtime", "threads"})
 
 
-def folder_mb(path):
-    """Megabytes of the files under ``path`` (0 while it does not exist yet)."""
-    folder = Path(path)
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6 if folder.is_dir() else 0
-
-
 def job_resources(kind, rule, section=None, wildcard=None, model_input=None):
     """Per-job resources: the job's config block (``<section>.<name>.resources``) >
     ``resources.steps.<rule>`` > ``resources.<kind>`` > defaults.
@@ -387,7 +382,7 @@ def job_resources(kind, rule, section=None, wildcard=None, model_input=None):
         block = config[section][wildcards[wildcard]].get("resources", {}) if section else {}
         merged = {**RESOURCE_DEFAULTS[kind], **config["resources"].get(kind, {}), **step, **block}
         if model_input and "mem_mb" not in step and "mem_mb" not in block:
-            merged["mem_mb"] = max(merged["mem_mb"], int(3 * folder_mb(input[model_input])) + 2000)
+            merged["mem_mb"] = max(merged["mem_mb"], int(3 * (folder_size(input[model_input]) / 1e6)) + 2000)
         if not merged["gpu"]:
             merged.pop("gpu_model", None)  # the Slurm plugin would ask for --gpus=<model>:0
         return merged
