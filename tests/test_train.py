@@ -30,8 +30,39 @@ def test_sft_labels_cover_exactly_the_assistant_turns(tokenizer):
             {"role": "assistant", "content": "4"}]
     row = tokenize_sft(msgs, tokenizer, 512)
     supervised = tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100])
-    assert supervised == "3<|im_end|>4<|im_end|>"  # not the newline the template adds after a turn
+    assert supervised == "3<|im_end|>\n4<|im_end|>\n"  # and the newline ChatML puts after a turn (ms-swift's labels)
     assert row["input_ids"] == tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
+    row = tokenize_sft(msgs, tokenizer, 512, label_separator=False)
+    supervised = tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100])
+    assert supervised == "3<|im_end|>4<|im_end|>"
+
+
+# the parity study's template (../shared/parity/build_tiny.py): Jinja's trim_blocks eats the newline
+# written after {% endgeneration %}, so assistant turns render no separator; ms-swift's ChatML does
+GENERATION_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_separator_appended_where_the_template_renders_none(tokenizer):
+    """The conversation ends as ms-swift's ChatML ends it ('<|im_end|>' then a labelled newline,
+    the separator the template puts after user turns), with the same labels ms-swift 4.6 gives."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = GENERATION_TEMPLATE
+    msgs = [{"role": "user", "content": "What is 15+34?"}, {"role": "assistant", "content": "49"}]
+    assert tok.apply_chat_template(msgs, tokenize=False).endswith("49<|im_end|>")
+    row = tokenize_sft(msgs, tok, 512)
+    assert tok.decode(row["input_ids"]).endswith("49<|im_end|>\n")
+    supervised = [t for t, l in zip(row["input_ids"], row["labels"]) if l != -100]
+    assert tok.decode(supervised) == "49<|im_end|>\n"
+    assert row["labels"][-1] == row["input_ids"][-1] == tok.encode("\n", add_special_tokens=False)[0]
+    row = tokenize_sft(msgs, tok, 512, label_separator=False)
+    assert tok.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100]) == "49<|im_end|>"
 
 
 def test_pt_labels_every_token_and_ends_with_eos(tokenizer):

@@ -104,14 +104,14 @@ class Images:
 
 
 def tokenize_row(row: dict, data_dir: Path, tokenizer, images: Images, max_length: int,
-                 system: str | None = None) -> dict:
+                 system: str | None = None, label_separator: bool = True) -> dict:
     """One SFT row with images: tokenized as text (labels on assistant turns only, see
     train.tokenize_sft), each image token expanded to the image's tokens (-100). A cut at
     ``max_length`` never splits an image: the cut moves before it and its image is dropped."""
     from snaketune.train import tokenize_sft
 
     paths = [str(data_dir / p) for p in row.get("images", [])]
-    enc = tokenize_sft(row["messages"], tokenizer, 10**9, system, row.get("tools"))
+    enc = tokenize_sft(row["messages"], tokenizer, 10**9, system, row.get("tools"), label_separator)
     ids, labels = images.expand(enc["input_ids"], images.tokens(paths), enc["labels"])
     cut = len(ids) > max_length
     if cut:
