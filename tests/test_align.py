@@ -180,9 +180,10 @@ def test_lora_dpo_from_the_cli_logs_to_mlflow(sft_model, arith, tmp_path):
     recipe = {"stage": "dpo", "train_type": "lora", "learning_rate": 5e-3, "batch_size": 8, "max_steps": 6,
               "logging_steps": 2, "beta": 0.1, "loss_type": "ipo", "seed": 0}
     main(["--base", str(sft_model), "--data", str(arith), "--params", json.dumps(recipe), "--out", str(out),
-          "--cache-dir", str(tmp_path / "cache")])
+          "--cache-dir", str(tmp_path / "cache"), "--model-name", "tiny", "--variant", "dpo"])
     assert PeftConfig.from_pretrained(out).peft_type == "LORA"
     written = json.loads((out / "training.json").read_text())
+    assert (written["model"], written["variant"], written["recipe"]) == ("tiny", "dpo", "dpo")  # as the rule names it
     assert written["reference"] == "base with the adapter disabled" and written["steps"] == 6
     client = mlflow.tracking.MlflowClient()
     (run,) = mlflow.search_runs(experiment_names=["test"], output_format="list")
@@ -261,7 +262,7 @@ def test_grpo_variant_runs_and_logs(variant, sft_model, arith, tmp_path):
               "batch_size": 2, "train_type": "lora", "learning_rate": 1e-3}
     out = tmp_path / "out"
     summary = align(str(sft_model), [str(arith)], recipe, str(out), str(tmp_path / "ckpt"), run)
-    assert summary["steps"] == 3 and summary["variant"] == variant and (out / "adapter_config.json").is_file()
+    assert summary["steps"] == 3 and summary["grpo_variant"] == variant and (out / "adapter_config.json").is_file()
     for key in ("loss", "reward", "kl", "rewards/exact_match/mean", "rewards/short/mean", "completions/mean_length"):
         assert len(run.metrics[key]) == 3, key
 

@@ -56,7 +56,8 @@ def fake_bundle(root: Path, score: float = 0.25) -> Path:
 
     top = root / STUDY
     (top / "results/m/v/eval").mkdir(parents=True)
-    (top / "results/m/v/eval/b.json").write_text(json.dumps({"metric": "exact_match", "score": score, "n": 4}))
+    (top / "results/m/v/eval/b.json").write_text(json.dumps({"model": "m", "variant": "v", "bench": "b",
+                                                             "metric": "exact_match", "score": score, "n": 4}))
     rows = [{"model": "m", "variant": "v", "bench": "b", "metric": "exact_match", "score": score, "n": 4,
              "size_mb": 1.0, "quantization": None, "serving": None}]
     (top / "results/summary.json").write_text(json.dumps({"rows": rows}))
@@ -99,7 +100,8 @@ def test_shown_numbers_must_be_the_reproduced_ones(edit, tmp_path):
     else:
         shutil_copy = top / "results/m/w/eval"
         shutil_copy.mkdir(parents=True)
-        (shutil_copy / "b.json").write_text(json.dumps({"metric": "exact_match", "score": 0.98, "n": 4}))
+        (shutil_copy / "b.json").write_text(json.dumps({"model": "m", "variant": "w", "bench": "b",
+                                                        "metric": "exact_match", "score": 0.98, "n": 4}))
     bundle = repack(top, tmp_path / "b.tar.gz", refresh_manifest=True)
     code, out = run_verify(bundle, tmp_path / "verify", run_bundle_code=True)
     assert code == 1 and "bundle numbers check FAILED" in out, out

@@ -172,10 +172,13 @@ def test_cli_fp8_logs_mlflow(tmp_path, workdir):
     out = tmp_path / "fp8"
     proc = subprocess.run(
         [sys.executable, "-m", "snaketune.quantize", "--model", str(workdir / "base"), "--data",
-         str(workdir / "data"), "--params", json.dumps({"method": "fp8"}), "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=300)
+         str(workdir / "data"), "--params", json.dumps({"method": "fp8"}), "--out", str(out), "--model-name", "tiny",
+         "--variant", "sft/f8"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((out / "quantization.json").read_text())["method"] == "fp8"
+    record = json.loads((out / "quantization.json").read_text())
+    assert record["method"] == "fp8"
+    assert {k: record[k] for k in ("model", "variant", "recipe", "quantize")} == {  # as the quantize rule names it
+        "model": "tiny", "variant": "sft/f8", "recipe": "sft", "quantize": "f8"}
     assert (tmp_path / "mlflow.db").exists()
 
     bad = subprocess.run(

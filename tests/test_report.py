@@ -268,7 +268,8 @@ def test_loss_plot_shows_the_held_out_loss_of_eval_steps(tmp_path, monkeypatch):
     for recipe, log in history.items():
         folder = results / "m" / recipe / "adapter"
         folder.mkdir(parents=True)
-        (folder / "training.json").write_text(json.dumps({"stage": "sft", "train_type": "lora", "log_history": log}))
+        (folder / "training.json").write_text(json.dumps({"model": "m", "variant": recipe, "recipe": recipe, "stage": "sft",
+                                                          "train_type": "lora", "log_history": log}))
         dirs.append(str(folder))
     runs = training_runs(dirs, results)
     assert [(r["name"], r["eval_steps"], r["eval_loss"]) for r in runs] == [("m/with", [2, 4], [2.5, 2.1]),

@@ -57,6 +57,13 @@ def test_sft_learns_what_base_cannot(default_study):
     assert base <= 0.02 and pt <= 0.05, (base, pt)
     assert sft >= 0.5, sft
     record = json.loads((work / f"results/{MODEL}/sft-lora/eval/arith.json").read_text())
+    # self-describing: the rules pass model, variant and bench to the step, which records them
+    assert {k: record[k] for k in ("model", "variant", "recipe", "quantize", "bench")} == {
+        "model": MODEL, "variant": "sft-lora", "recipe": "sft-lora", "quantize": None, "bench": "arith"}
+    training = json.loads((work / f"results/{MODEL}/sft-lora/adapter/training.json").read_text())
+    quantized = json.loads((work / f"results/{MODEL}/sft-lora/fp8/model/quantization.json").read_text())
+    assert (training["model"], training["recipe"]) == (MODEL, "sft-lora")
+    assert (quantized["model"], quantized["variant"], quantized["quantize"]) == (MODEL, "sft-lora/fp8", "fp8")
     assert record["n"] == 200 and record["metric"] == "exact_match" and len(record["model_sha256"]) == 64
     assert record["model_path"].endswith("sft-lora/model")
 

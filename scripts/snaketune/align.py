@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
-from snaketune.files import read_jsonl
+from snaketune.files import read_jsonl, record_names
 from snaketune.registry import LORA_TYPES, STAGES
 from snaketune.schema import resolve
 from snaketune.tracking import NullRun
@@ -462,8 +462,10 @@ def fit_logprob_tiles(vocab_size: int) -> None:
         tu._CHUNKED_LOGPROB_CHUNK_SIZE = min(32768, -(-vocab_size // 128) * 128)
 
 
-def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str | None = None, run=None) -> dict:
-    """Align ``base`` on ``data`` with ``recipe``; write the adapter/model folder ``out``.
+def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str | None = None, run=None,
+          model_name: str | None = None, recipe_name: str | None = None) -> dict:
+    """Align ``base`` on ``data`` with ``recipe``; write the adapter/model folder ``out``
+    (training.json names ``model_name`` and ``recipe_name``, as the workflow does).
 
     Returns the summary written to ``out/training.json``.
     """
@@ -545,8 +547,9 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         return (vals[0], vals[-1]) if vals else (None, None)
 
     summary = {
+        **record_names(model_name, recipe_name),
         "stage": stage,
-        "variant": variant,
+        "grpo_variant": variant,
         "train_type": recipe.get("train_type", "lora"),
         "reference": reference_kind(stage, recipe, variant),
         "steps": trainer.state.global_step,
@@ -600,17 +603,19 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output adapter (LoRA family) or model (full) folder")
     ap.add_argument("--checkpoints", help="checkpoint folder (default: <out>.checkpoints)")
     ap.add_argument("--cache-dir", help="accepted for the train rule's command line; unused (trl tokenizes)")
+    ap.add_argument("--model-name", help="the config's model name, recorded as model (the workflow passes it)")
+    ap.add_argument("--variant", help="the recipe's name, recorded in training.json")
     args = ap.parse_args(argv)
     recipe = resolve("recipes", json.loads(args.params))
     from snaketune.tracking import step_run
 
     with step_run("align", recipe, tracking_resume(args.out, args.checkpoints, recipe, [args.base, *args.data])) as run:
-        s = align(args.base, args.data, recipe, args.out, args.checkpoints, run)
+        s = align(args.base, args.data, recipe, args.out, args.checkpoints, run, args.model_name, args.variant)
         run.log_metrics({k: v for k, v in s.items() if k.startswith(("first_", "final_")) or
                          k in ("train_loss", "tokens_per_s", "wall_seconds", "warmup_seconds", "steps",
                                "trainable_params", "gpu_peak_gib")})
         run.log_artifact(Path(args.out) / "training.json")
-    print(f"aligned {s['stage']}{'/' + s['variant'] if s['variant'] else ''}/{s['train_type']}: {s['steps']} steps "
+    print(f"aligned {s['stage']}{'/' + s['grpo_variant'] if s['grpo_variant'] else ''}/{s['train_type']}: {s['steps']} steps "
           f"in {s['wall_seconds']:.0f} s, loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} -> {args.out}")
 
 

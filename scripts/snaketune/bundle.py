@@ -87,7 +87,7 @@ def collect_metrics(results: Path) -> dict[str, object]:
         if _skipped(rel) or rel.parts[0] in ("datasets", "benchmarks", "logs", "bundles", "report"):
             continue
         rec = json.loads(path.read_text())
-        name = f"eval/{rel.parts[0]}/{'/'.join(rel.parts[1:-2])}/{path.stem}"
+        name = f"eval/{rec['model']}/{rec['variant']}/{rec['bench']}"
         metrics[f"{name}.{rec['metric']}"] = rec["score"]
         metrics[f"{name}.n"] = rec["n"]
     for path in sorted(results.glob("*/*/*/training.json")):
@@ -95,7 +95,7 @@ def collect_metrics(results: Path) -> dict[str, object]:
         if rel.parts[2] not in ("adapter", "model"):
             continue
         rec = json.loads(path.read_text())
-        name = f"train/{rel.parts[0]}/{rel.parts[1]}"
+        name = f"train/{rec['model']}/{rec['recipe']}"
         for key in TRAINING_METRICS:
             if rec.get(key) is not None:
                 metrics[f"{name}.{key}"] = rec[key]

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
-from snaketune.files import jsonl_rows, model_hash, read_jsonl
+from snaketune.files import jsonl_rows, model_hash, read_jsonl, record_names
 from snaketune.schema import resolve
 
 DEFAULT_PYTHON = ".venv-evalscope/bin/python"
@@ -282,7 +282,8 @@ def main(argv=None):
     ap.add_argument("--params", default="{}", help="JSON: the bench block (+ via, serve, benchmark, ...)")
     ap.add_argument("--out", help="eval JSON to write")
     ap.add_argument("--predictions", help="every sample as JSON lines (default: <out>.predictions.jsonl)")
-    ap.add_argument("--variant", default="", help="variant label for the summary")
+    ap.add_argument("--model-name", help="the config's model name, recorded as model (the workflow passes it)")
+    ap.add_argument("--variant", help="the variant evaluated (base, a recipe, <stem>/<quantize name>), recorded")
     ap.add_argument("--run-task", help=argparse.SUPPRESS)  # internal: runs inside EvalScope's venv
     args = ap.parse_args(argv)
     if args.run_task:
@@ -297,8 +298,7 @@ def main(argv=None):
     from snaketune.tracking import step_run
 
     with step_run("evalscope_eval", params) as run:
-        record = evaluate(args.model, args.data, params)
-        record["variant"] = args.variant
+        record = {**record_names(args.model_name, args.variant), **evaluate(args.model, args.data, params)}
         write_results(record, args.out, args.predictions)
         run.log_metrics({k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))
                          and ":" not in k} | {"n": record["n"], "eval_seconds": record["seconds"]})

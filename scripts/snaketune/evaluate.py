@@ -18,7 +18,7 @@ from pathlib import Path
 from snaketune.atomic import atomic_file, write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune import vision
-from snaketune.files import jsonl_rows, model_hash
+from snaketune.files import jsonl_rows, model_hash, record_names
 from snaketune.model import check_weights
 from snaketune.schema import resolve
 
@@ -124,14 +124,14 @@ def main(argv=None):
     ap.add_argument("--params", required=True, help="JSON: the evaluation.benches.<name> block")
     ap.add_argument("--out", required=True, help="eval JSON to write")
     ap.add_argument("--predictions", help="every sample as JSON lines (default: <out>.predictions.jsonl)")
-    ap.add_argument("--variant", default="", help="variant label for the summary (e.g. base, sft-lora)")
+    ap.add_argument("--model-name", help="the config's model name, recorded as model (the workflow passes it)")
+    ap.add_argument("--variant", help="the variant evaluated (base, a recipe, <stem>/<quantize name>), recorded")
     args = ap.parse_args(argv)
     params = json.loads(args.params)
     from snaketune.tracking import step_run
 
     with step_run("evaluate", params) as run:
-        record = evaluate(args.model, args.data, params)
-        record["variant"] = args.variant
+        record = {**record_names(args.model_name, args.variant), **evaluate(args.model, args.data, params)}
         write_results(record, args.out, args.predictions)
         run.log_metrics({record["metric"]: record["score"], "n": record["n"], "eval_seconds": record["seconds"]})
         run.log_artifact(args.out)

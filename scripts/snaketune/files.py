@@ -1,5 +1,5 @@
 """Reading what the steps wrote, one place each: sha256 of files and folders, JSON lines, folder
-sizes. Standard library only (common.smk imports it at parse time)."""
+sizes, and the names a record carries. Standard library only (common.smk imports it at parse time)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,15 @@ def jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The rows of a JSON-lines file (blank lines skipped)."""
     return [row for _, row in jsonl_rows(path)]
+
+
+def record_names(model: str | None, variant: str | None) -> dict:
+    """What an eval, training or quantization record belongs to, as the rules name it: the config's
+    model, the variant (base, a recipe, or <base|recipe>/<quantize name>), its recipe (None for base)
+    and its quantize block (None if unquantized). Summary, report and bundle read these fields."""
+    stem, _, quant = (variant or "").partition("/")
+    return {"model": model, "variant": variant, "recipe": stem if stem not in ("", "base") else None,
+            "quantize": quant or None}
 
 
 def folder_size(path: str | os.PathLike) -> int:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
-from snaketune.files import folder_size, jsonl_rows
+from snaketune.files import folder_size, jsonl_rows, record_names
 from snaketune.model import check_weights
 from snaketune.registry import METHODS
 from snaketune.vision import is_vision
@@ -250,8 +250,10 @@ def quantize_bnb(model_dir: str, method: str, params: dict, out: Path) -> dict:
     }
 
 
-def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.PathLike) -> dict:
-    """Quantize ``model_dir`` into ``out`` atomically; returns the quantization.json record."""
+def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.PathLike,
+             model_name: str | None = None, variant: str | None = None) -> dict:
+    """Quantize ``model_dir`` into ``out`` atomically; returns the quantization.json record (which names
+    ``model_name`` and ``variant``, as the workflow does)."""
     import torch
     import transformers
 
@@ -270,6 +272,7 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
     start = time.time()
     with atomic_dir(out) as tmp:
         record = {
+            **record_names(model_name, variant),
             "method": method,
             "scheme": spec.scheme,
             "source_model": str(Path(model_dir).resolve()),
@@ -306,6 +309,8 @@ def main(argv=None):
     ap.add_argument("--data", help="data-step folder with train.jsonl (calibration for gptq/awq)")
     ap.add_argument("--params", required=True, help="JSON: the quantize block for this variant")
     ap.add_argument("--out", required=True, help="output HF model folder")
+    ap.add_argument("--model-name", help="the config's model name, recorded as model (the workflow passes it)")
+    ap.add_argument("--variant", help="the variant it makes (<base|recipe>/<quantize name>), recorded")
     args = ap.parse_args(argv)
     try:
         params = json.loads(args.params)
@@ -319,7 +324,7 @@ def main(argv=None):
     from snaketune.tracking import step_run
 
     with step_run("quantize", params) as run:
-        record = quantize(args.model, args.data, params, args.out)
+        record = quantize(args.model, args.data, params, args.out, args.model_name, args.variant)
         run.set_tags({"quantize.method": record["method"], "quantize.library": record["library"]})
         run.log_metrics({"size_bytes": record["size_bytes"], "source_size_bytes": record["source_size_bytes"],
                          "quantize_s": record["duration_s"]})

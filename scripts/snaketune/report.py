@@ -33,16 +33,15 @@ from snaketune.errors import SnaketuneError, cli
 
 
 def training_runs(train_dirs: list[str], results: Path) -> list[dict]:
-    """One record per training output folder: name, loss per step, throughput, peak memory."""
+    """One record per training output folder (training.json names its model and recipe): name, loss
+    per step, throughput, peak memory (the train rule's benchmark TSV under ``results``)."""
     runs = []
     for folder in map(Path, train_dirs):
         info = folder / "training.json"
         if not info.is_file():
             raise SnaketuneError(f"{folder} has no training.json: is it the output of a train step?")
         t = json.loads(info.read_text())
-        rel = folder.resolve().relative_to(results.resolve()) if folder.resolve().is_relative_to(results.resolve()) \
-            else folder
-        model, recipe = rel.parts[0], rel.parts[1]
+        model, recipe = t["model"], t["recipe"]
         steps = [(h["step"], h["loss"]) for h in t.get("log_history", []) if "loss" in h]
         evals = [(h["step"], h["eval_loss"]) for h in t.get("log_history", []) if "eval_loss" in h]
         bench = results / "benchmarks" / model / recipe / "train.tsv"

@@ -22,15 +22,13 @@ from snaketune.files import folder_size
 
 
 def row_for(eval_path: str) -> dict:
-    """One summary row from an eval JSON at ``results/<model>/<variant>/eval/<bench>.json``."""
+    """One summary row from an eval JSON (its model, variant and bench are its own fields)."""
     record = json.loads(Path(eval_path).read_text())
-    parts = Path(eval_path).parts
-    model = parts[-4 - record.get("variant", "").count("/")]
     model_dir = Path(record["model_path"])
     quant = model_dir / "quantization.json"
     return {
-        "model": model,
-        "variant": record.get("variant", ""),
+        "model": record["model"],
+        "variant": record["variant"],
         "bench": record["bench"],
         "metric": record["metric"],
         "score": record["score"],

@@ -29,7 +29,7 @@ from pathlib import Path
 from snaketune import kernels, vision
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
-from snaketune.files import read_jsonl, sha256_file
+from snaketune.files import read_jsonl, record_names, sha256_file
 from snaketune.registry import FULL_TYPES, LORA_TYPES
 from snaketune.schema import resolve
 
@@ -676,8 +676,9 @@ def set_aside_if_broken(path: Path, then: str = "training goes on") -> bool:
 
 
 def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str | None = None, run=None,
-          cache_dir: str | None = None) -> dict:
-    """Train ``base`` on ``data`` with ``recipe``; write the adapter/model folder ``out``.
+          cache_dir: str | None = None, model_name: str | None = None, variant: str | None = None) -> dict:
+    """Train ``base`` on ``data`` with ``recipe``; write the adapter/model folder ``out``
+    (training.json names ``model_name`` and ``variant``, the recipe, as the workflow does).
 
     Returns the summary written to ``out/training.json``. Under torchrun every rank calls this;
     rank 0 writes the output.
@@ -762,6 +763,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     wall = time.perf_counter() - t0
     summary = {
+        **record_names(model_name, variant),
         "stage": stage,
         "train_type": train_type,
         "steps": trainer.state.global_step,
@@ -853,12 +855,15 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output adapter (LoRA family) or model (full) folder")
     ap.add_argument("--checkpoints", help="checkpoint folder (default: <out>.checkpoints)")
     ap.add_argument("--cache-dir", help="tokenized-data cache folder (default: no cache)")
+    ap.add_argument("--model-name", help="the config's model name, recorded as model (the workflow passes it)")
+    ap.add_argument("--variant", help="the recipe's name, recorded in training.json")
     args = ap.parse_args(argv)
     recipe = resolve("recipes", json.loads(args.params))
     from snaketune.tracking import step_run
 
     with step_run("train", recipe, tracking_resume(args.out, args.checkpoints, recipe, [args.base, *args.data])) as run:
-        s = train(args.base, args.data, recipe, args.out, args.checkpoints, run, args.cache_dir)
+        s = train(args.base, args.data, recipe, args.out, args.checkpoints, run, args.cache_dir, args.model_name,
+                  args.variant)
         run.log_metrics({k: s[k] for k in ("train_loss", "tokens_per_s", "wall_seconds", "warmup_seconds", "steps",
                                            "trainable_params", "gpu_peak_gib") if s[k] is not None})
         run.log_artifact(Path(args.out) / "training.json")

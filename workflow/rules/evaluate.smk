@@ -23,4 +23,4 @@ rule evaluate:
         "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu}"
         " -- python -m snaketune.{params.module}"
         " --model {input.model} --data {input.data} --params {params.spec:q}"
-        " --variant {wildcards.variant} --out {output.json} --predictions {output.predictions} > {log} 2>&1"
+        " --model-name {wildcards.model} --variant {wildcards.variant} --out {output.json} --predictions {output.predictions} > {log} 2>&1"

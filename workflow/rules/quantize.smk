@@ -18,4 +18,5 @@ rule quantize:
     shell:
         "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu}"
         " -- python -m snaketune.quantize"
-        " --model {input.model} --data {input.data} --params {params.spec:q} --out {output} > {log} 2>&1"
+        " --model {input.model} --data {input.data} --params {params.spec:q} --out {output}"
+        " --model-name {wildcards.model} --variant {wildcards.stem}/{wildcards.quant} > {log} 2>&1"

@@ -28,7 +28,8 @@ rule train_full:
     shell:
         "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu} --nodes {resources.nodes}"
         " -- python -m snaketune.{params.module} --base {input.base} --data {input.data} --params {params.spec:q}"
-        " --out {output} --checkpoints {params.checkpoints} --cache-dir {params.cache} > {log} 2>&1"
+        " --out {output} --checkpoints {params.checkpoints} --cache-dir {params.cache}"
+        " --model-name {wildcards.model} --variant {wildcards.recipe} > {log} 2>&1"
 
 
 rule train_adapter:
@@ -56,4 +57,5 @@ rule train_adapter:
     shell:
         "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu} --nodes {resources.nodes}"
         " -- python -m snaketune.{params.module} --base {input.base} --data {input.data} --params {params.spec:q}"
-        " --out {output} --checkpoints {params.checkpoints} --cache-dir {params.cache} > {log} 2>&1"
+        " --out {output} --checkpoints {params.checkpoints} --cache-dir {params.cache}"
+        " --model-name {wildcards.model} --variant {wildcards.recipe} > {log} 2>&1"
