@@ -199,7 +199,7 @@ def test_labels_only_on_assistant_turns_never_on_image_tokens(vl_model, tmp_path
     ids, labels = enc["input_ids"], enc["labels"]
     assert ids.count(images.token_id) == 8 and len(enc["images"]) == 2  # 32x32 px -> 56x56: 4 tokens each
     supervised = tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100])
-    assert supervised == "green<|im_end|>red<|im_end|>"
+    assert supervised == "green<|im_end|>\nred<|im_end|>\n"  # each answer, its end of turn and separator
     assert all(lab == -100 for t, lab in zip(ids, labels) if t == images.token_id)
     first_image = ids.index(images.token_id)
     cut = tokenize_row(row, tmp_path, tokenizer, images, first_image + 2)  # the cut falls inside the first image
