@@ -152,12 +152,12 @@ def test_status_says_what_is_done_failed_and_still_to_run(study_run):
 
 @pytest.fixture(scope="module")
 def chat_model(tiny_model, tiny_data, tmp_path_factory):
-    """The tiny model after 30 steps of full SFT on sums: it answers with digits (the random-init
-    model only emits newlines)."""
+    """The tiny model after 80 steps of full SFT on sums: it answers with digits (the random-init
+    model only emits newlines; after 30 steps it ended its turn at once: '<|im_end|>'; after 80, '11')."""
     from snaketune.train import train
 
     out = tmp_path_factory.mktemp("chat") / "model"
-    train(str(tiny_model), [str(tiny_data)], {**RECIPE, "train_type": "full", "max_steps": 30, "logging_steps": 10,
+    train(str(tiny_model), [str(tiny_data)], {**RECIPE, "train_type": "full", "max_steps": 80, "logging_steps": 10,
                                               "seed": 0}, str(out), str(out.with_name("ckpt")))
     return out
 
