@@ -282,7 +282,7 @@ def vision_row(row: dict) -> dict:
                            msg.get("role") if isinstance(msg, dict) else msg)
         parts, given = content_parts(msg.get("content"), f"messages[{i}].content")
         if msg["role"] != "user" and any(p["type"] == "image" for p in parts):
-            raise RowError(f"messages[{i}].content", f"text only in a {msg['role']} turn (images go in user turns)",
+            raise RowError(f"messages[{i}].content", f"text only in {msg['role']} turns (images go in user turns)",
                            msg.get("content"))
         if not any(p["type"] == "image" for p in parts):  # a text-only turn stays a string
             parts = "".join(p["text"] for p in parts)
