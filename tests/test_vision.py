@@ -174,6 +174,14 @@ def test_bad_image_rows_name_file_line_and_field(row, field, says, tmp_path):
     assert len(rows) == 1 and len(problems) == 1
 
 
+def test_images_in_preference_rows_are_refused_not_dropped(tmp_path):
+    _image(tmp_path / "ok.png")
+    row = {"prompt": "<image>Colour?", "chosen": "green", "rejected": "red", "images": ["ok.png"]}
+    (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(SnaketuneError, match=r"p.jsonl:1: field 'images': expected no images in format 'preference'"):
+        load_local(str(tmp_path / "p.jsonl"), "preference")
+
+
 def test_images_for_a_model_without_vision_tower_is_an_error(tiny_model, tmp_path):
     from snaketune.train import train
 

@@ -351,6 +351,9 @@ def to_row(row, fmt: str) -> dict:
         return {"messages": to_messages(row, fmt), **(check_tools(row) if fmt == "messages" else {})}
     if not isinstance(row, dict):
         raise RowError("<row>", "a JSON object", row)
+    if row.get("images"):  # dropped silently otherwise: only SFT rows (format messages) take images so far
+        raise RowError("images", f"no images in format {fmt!r} (images go with format messages, for SFT; "
+                       "preference, KTO and pre-training rows with images are not supported yet)", row["images"])
     if fmt == "text":
         if "text" not in row and "messages" in row:  # ms-swift's pre-training rows: assistant turns only
             msgs = check_messages(row["messages"])
