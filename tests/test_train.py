@@ -163,17 +163,18 @@ def test_interrupted_run_resumes_to_the_same_adapter(sig, tiny_model, tiny_data,
 
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    import mlflow
+
+    client = mlflow.MlflowClient(json.loads(os.environ["SNAKETUNE_TRACKING"])["uri"])
+    client.search_experiments()  # the store's tables exist before the run: a SIGKILL must not cut their creation
     proc = subprocess.Popen(_train_cmd(tiny_model, tiny_data, out, ckpt, recipe), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # wait until training is under way (past checkpoint-10), then stop it
-        if line.startswith("step 12/"):
+    for line in proc.stdout:  # training under way (past checkpoint-10) and its MLflow run made: stop it
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 12 and (ckpt / "mlflow_run.json").exists():
             proc.send_signal(sig)
             break
     rest = proc.communicate(timeout=300)[0]
     assert not out.exists()
-    import mlflow
-
-    client = mlflow.MlflowClient(json.loads(os.environ["SNAKETUNE_TRACKING"])["uri"])
     experiment = client.get_experiment_by_name("test").experiment_id
     [stopped] = client.search_runs([experiment])
     if sig == signal.SIGKILL:
