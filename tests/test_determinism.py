@@ -80,8 +80,14 @@ def test_seeds_and_switch_reach_the_steps(two_runs):
     a, _ = two_runs
     log = (a / f"results/{MODEL}/sft-lora/adapter/training.json")
     assert log.is_file()
-    train_py = (ROOT / "scripts/snaketune/train.py").read_text()
-    assert "full_determinism=not cuda or recipe.get(\"deterministic\", False)" in train_py
+    from snaketune.schema import resolve
+    from snaketune.train import trainer_args
+
+    def determinism(cuda, **keys):
+        recipe = resolve("recipes", {"stage": "sft", "train_type": "lora", "dataset": "d", **keys})
+        return trainer_args(recipe, a / "ckpt", cuda, "fp32", 10)["full_determinism"]
+
+    assert determinism(False) and not determinism(True) and determinism(True, deterministic=True)
     dry = snakemake(a, "-n", "--forceall", "-p", "bundle")
     assert dry.returncode == 0, dry.stderr[-3000:]
     config = small_config()
