@@ -384,7 +384,8 @@ def test_tool_call_conversations_reach_the_template(tiny_model, tmp_path):
     full = tok.decode(enc["input_ids"])
     labelled = tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100])
     assert '"name": "add"' in full.split("<|im_start|>user")[0]  # the schema, in the system turn
-    assert labelled == '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|im_end|>5<|im_end|>'
+    # each assistant turn with its end-of-turn marker and the newline after it (label_separator)
+    assert labelled == '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|im_end|>\n5<|im_end|>\n'
 
     recipe = resolve("recipes", {"stage": "dpo", "train_type": "lora", "learning_rate": 5e-6, "batch_size": 2,
                                  "max_steps": 2, "logging_steps": 1, "seed": 0})
