@@ -19,9 +19,6 @@ Prints ``RESULT seed swap accuracy`` (the shared ``eval_acc.py``, 200 held-out s
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import snaketune.train as train  # noqa: E402
+from parity import score  # noqa: E402  (benchmarks/parity.py: the shared scorer, one thread)
 
 
 def main() -> None:
@@ -61,10 +59,7 @@ def main() -> None:
         train.tokenize_sft = with_endoftext
     data = args.work / f"snaketune-{args.data_tag}-s{args.seed}/results/datasets/arith"
     train.train(str(args.work / "tiny_base"), [str(data)], recipe, args.out, args.out + ".checkpoints")
-    out = subprocess.run([sys.executable, args.shared / "eval_acc.py", "--model", args.out, "--heldout",
-                          args.work / "data/heldout.jsonl"], check=True, capture_output=True, text=True,
-                         env={**os.environ, "NTHREADS": "1"})
-    print("RESULT", args.seed, args.swap, json.loads(out.stdout.strip().splitlines()[-1])["acc"], flush=True)
+    print("RESULT", args.seed, args.swap, score(args.shared, args.work, Path(args.out)), flush=True)
 
 
 if __name__ == "__main__":
