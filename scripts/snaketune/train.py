@@ -391,6 +391,9 @@ def trainer_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, t
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # pinned batches copied without blocking: a blocking copy waits for the previous step's
+        # kernels, so the GPU then idles while the next batch is collated and the step launched
+        **({"accelerator_config": {"non_blocking": True}, "dataloader_pin_memory": True} if cuda else {}),
     )
     if sharded(recipe) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args.update(distributed_args(recipe, cuda))
