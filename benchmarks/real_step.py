@@ -45,6 +45,7 @@ C4K = {"compile": True, "ce_chunk_tokens": 4096}
 # name: (size, recipe keys beyond the schema's defaults)
 PLAN = [
     ("r-1.5b-full-default", "1.5b", FULL),
+    ("r-1.5b-full-dtype", "1.5b", {**FULL, "master_weights": "dtype"}),
     ("r-1.5b-full-c4k", "1.5b", {**FULL, **C4K}),
     ("r-1.5b-full-c4k-noclip", "1.5b", {**FULL, **C4K, "max_grad_norm": 0.0}),
     ("r-1.5b-full-c4k-varlenrows", "1.5b", {**FULL, **C4K, "varlen_rows": True}),

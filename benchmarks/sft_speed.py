@@ -60,6 +60,7 @@ PLAN = [
     ("st-7b-lora-1-gc", "7b", "lora", "pack", 1, True, {**LORA, **FAST, "gradient_checkpointing": True}),
     ("base-1.5b-full-4", "1.5b", "full", "pack", 4, False, None),
     ("st-1.5b-full-4", "1.5b", "full", "pack", 4, False, {**FULL, **FAST, **C4K}),
+    ("st-1.5b-full-4-chunkdefault", "1.5b", "full", "pack", 4, False, {**FULL, **FAST, "compile": True}),
     ("st-1.5b-full-4-liger", "1.5b", "full", "pack", 4, False, {**FULL, **FAST, "compile": True, "ce_impl": "liger"}),
     ("st-1.5b-full-8", "1.5b", "full", "pack", 8, False, {**FULL, **FAST, **C4K}),
     ("st-1.5b-full-8-vr", "1.5b", "full", "pack", 8, False, {**FULL, **FAST, **C4K, "varlen_rows": True}),
