@@ -115,6 +115,12 @@ def describe(job: dict, results: Path) -> dict:
         cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
         row["result"] = (f"{s['source']} {cfg.get('hidden_size')}x{cfg.get('num_hidden_layers')}, vocab "
                          f"{cfg.get('vocab_size')}, {cfg.get('dtype', cfg.get('torch_dtype'))}")
+    elif rule == "serving_bench" and out.is_file():
+        levels = json.loads(out.read_text())["levels"]
+        row["rate"] = ", ".join(f"c{lv['concurrency']} {lv['output_tokens_per_s']:.1f}" for lv in levels) + " out tok/s"
+        row["result"] = "; ".join(f"c{lv['concurrency']}: {lv['completed']}/{lv['requests']} ok, TTFT p50 "
+                                  f"{lv['ttft_ms']['p50']:.0f} ms, TPOT p50 {lv['tpot_ms']['p50']:.1f} ms"
+                                  for lv in levels)
     elif rule == "prepare_data" and (out / "manifest.json").is_file():
         rows = json.loads((out / "manifest.json").read_text())["rows"]
         row["result"] = ", ".join(f"{k} {v}" for k, v in rows.items() if v)
