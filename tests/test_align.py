@@ -129,22 +129,23 @@ def test_preference_method_raises_heldout_margins(stage, pref_sft, arith, start,
     assert written["steps"] == 100 and written["stage"] == stage and written["final_loss"] < written["first_loss"]
 
 
-def test_dpo_loss_matches_an_independent_computation(sft_model, arith, tmp_path):
+@pytest.mark.parametrize("head", ["fused", "logits"])
+def test_dpo_loss_matches_an_independent_computation(head, sft_model, arith, tmp_path):
     """trl's DPO loss on a fixed batch equals -logsigmoid(beta * (policy - reference log-ratio margin))
-    computed here from summed completion log-probs; the policy is a LoRA adapter with random weights
-    and the reference is the SFT model loaded separately (what the disabled adapter must reproduce)."""
+    computed here from summed completion log-probs, with either log-prob head; the policy is a LoRA
+    adapter with random weights and the reference is the SFT model loaded separately (what the
+    disabled adapter must reproduce)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from snaketune.align import _common_args, fit_logprob_tiles, load_policy, make_trainer
+    from snaketune.align import _common_args, load_policy, make_trainer
 
     tok = AutoTokenizer.from_pretrained(sft_model)
     rows = read(arith / "preference.jsonl")[:6]
     recipe = resolve("recipes", {"stage": "dpo", "train_type": "lora", "beta": 0.3, "learning_rate": 5e-6,
-                                 "batch_size": 6, "max_steps": 1})
+                                 "batch_size": 6, "max_steps": 1, "logprob_head": head})
     model, peft_config = load_policy(str(sft_model), recipe, torch.float32)
-    fit_logprob_tiles(model.config.vocab_size)
     common = _common_args(recipe, tmp_path / "ckpt", False, "fp32", 1)
     trainer = make_trainer("dpo", model, tok, Dataset.from_list(rows), recipe, common, [], peft_config)
     policy = trainer.model
@@ -167,6 +168,62 @@ def test_dpo_loss_matches_an_independent_computation(sft_model, arith, tmp_path)
     expected = mean([-math.log(1 / (1 + math.exp(-0.3 * m))) for m in margins])
     assert abs(expected - math.log(2)) > 1e-3  # the check is not the trivial policy == reference case
     assert loss == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_logits_head_gives_what_trls_fused_head_gives(sft_model, arith):
+    """``logprob_head: logits`` (the CPU default) returns trl's fused head's per-token log-probs,
+    entropy, mean logits, top-1 flags, log sum p^2 and loss, and the same gradients, on padded
+    rows with prompt positions masked; without ``fused_lm_head`` the forward is the model's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from snaketune.align import add_logits_lm_head
+
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    fused, logits = (AutoModelForCausalLM.from_pretrained(sft_model) for _ in range(2))
+    add_fused_lm_head(fused, temperature=0.7, outputs=outputs)
+    add_logits_lm_head(logits, temperature=0.7, outputs=outputs)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, fused.config.vocab_size, (4, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # the prompt
+    got = [m(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True) for m in (fused, logits)]
+    for field in (*outputs, "label_mask"):
+        a, b = getattr(got[0], field), getattr(got[1], field)
+        assert a.shape == b.shape, field
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), (field, (a.float() - b.float()).abs().max())
+    assert got[0].loss.item() == pytest.approx(got[1].loss.item(), abs=1e-6)
+    for out in got:
+        out.loss.backward()
+    for (name, a), (_, b) in zip(fused.named_parameters(), logits.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    plain = AutoModelForCausalLM.from_pretrained(sft_model)
+    assert torch.equal(logits(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_alignment_keeps_gradient_checkpointing_off_unless_asked(sft_model, arith, tmp_path):
+    """trl's configs default to gradient checkpointing on; a recipe's ``gradient_checkpointing: false``
+    (the schema default) must reach them: DPO ran every step with checkpointing (the backward
+    recomputed the forward: 41 vs 23 ms a step on the parity study)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from snaketune.align import _common_args, load_policy, make_trainer
+
+    tok = AutoTokenizer.from_pretrained(sft_model)
+    rows = read(arith / "preference.jsonl")[:4]
+    for asked in (False, True):
+        recipe = resolve("recipes", {"stage": "dpo", "train_type": "full", "batch_size": 4, "max_steps": 1,
+                                     "gradient_checkpointing": asked})
+        model, _ = load_policy(str(sft_model), recipe, torch.float32)
+        trainer = make_trainer("dpo", model, tok, Dataset.from_list(rows), recipe,
+                               _common_args(recipe, tmp_path / f"ckpt-{asked}", False, "fp32", 1), [])
+        assert trainer.args.gradient_checkpointing is asked
+        assert trainer.model.is_gradient_checkpointing is asked
 
 
 def test_lora_dpo_from_the_cli_logs_to_mlflow(sft_model, arith, tmp_path):

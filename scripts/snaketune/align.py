@@ -34,6 +34,7 @@ the method has them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -163,8 +164,8 @@ def pretemplate(rows: list[dict], tokenizer) -> list[dict]:
 
 def _common_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, total_steps: int) -> dict:
     args = trainer_args(recipe, checkpoints, cuda, dtype_name, total_steps)
-    if recipe["gradient_checkpointing"]:
-        args["gradient_checkpointing"] = True
+    # always said: trl's configs default to gradient checkpointing on (transformers' to off)
+    args["gradient_checkpointing"] = recipe["gradient_checkpointing"]
     return args
 
 
@@ -411,8 +412,9 @@ def make_trainer(stage: str, model, tokenizer, dataset, recipe: dict, common: di
             Trainer = counting_pair_tokens(Trainer)
         config = Config(**common, **_stage_args(recipe, stage), **extra)
         kw = {"peft_config": peft_config} if peft_config is not None else {}
-        return Trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                       callbacks=callbacks, **kw)
+        with logprob_head(recipe, Trainer, model.config.get_text_config().vocab_size):
+            return Trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                           callbacks=callbacks, **kw)
 
 
 def _symbol(spec: str):
@@ -442,24 +444,94 @@ def make_grpo_trainer(model, tokenizer, dataset, recipe: dict, common: dict, cal
     kw = {"peft_config": peft_config} if peft_config is not None else {}
     if tools:  # trl's tool-calling loop: parsed tool calls run, their results join the completion
         kw["tools"] = tools
-    return variant, Trainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset,
-                            processing_class=tokenizer, callbacks=callbacks, **kw)
+    with logprob_head(recipe, Trainer, model.config.get_text_config().vocab_size):
+        return variant, Trainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset,
+                                processing_class=tokenizer, callbacks=callbacks, **kw)
 
 
-def fit_logprob_tiles(vocab_size: int) -> None:
-    """Shrink trl's fused log-prob tiles to the vocabulary.
+def add_logits_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                       outputs: tuple[str, ...] = ("log_probs",)) -> None:
+    """trl's ``add_fused_lm_head`` contract computed from the model's own logits.
 
-    trl 1.16's fused LM head (DPO, KTO, GRPO, RLOO) allocates a ``tokens x 32768`` buffer per call
-    whatever the vocabulary; on CPU with a small vocabulary that allocation dominates the step
-    (measured: 0.45 -> 0.1 s/step for DPO on the tiny model). Tiles of at most the (128-rounded)
-    vocabulary give the same result.
+    ``model(..., labels=labels, fused_lm_head=True)`` returns trl's ``FusedCausalLMOutput`` (per-token
+    log-probabilities of the next-token labels and the fields in ``outputs``, zero where the label is
+    -100); without ``fused_lm_head`` the forward is the model's. The logits are the model's own, so
+    its logit scaling and soft-capping apply; they are taken in fp32 (``cast_lm_head_to_fp32`` is
+    therefore always true here).
     """
-    try:
-        import trl.trainer.utils as tu
-    except ImportError:  # pragma: no cover
-        return
-    if hasattr(tu, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
+    import types
+
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    original = model.forward
+    config = model.config.get_text_config()
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kw):
+        if not fused_lm_head:
+            kw.update({k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
+                                         ("num_items_in_batch", num_items_in_batch)) if v is not None})
+            return original(*args, **kw)
+        kw["use_cache"] = False
+        if getattr(config, "output_router_logits", False):
+            kw.setdefault("output_router_logits", True)
+        out = original(*args, **kw)
+        logits = out.logits if shift_labels is not None else out.logits[:, :-1]
+        labels = shift_labels if shift_labels is not None else labels[:, 1:]
+        logits = logits.float() / temperature
+        mask = labels != -100
+        logp = logits.log_softmax(-1)
+        log_probs = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0)
+        extra = {}
+        with torch.no_grad():
+            if "entropy" in outputs:
+                extra["entropy"] = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0)
+            if "log_sum_sq_probs" in outputs:
+                extra["log_sum_sq_probs"] = (2 * logp).logsumexp(-1).masked_fill(~mask, 0)
+            if "mean_logits" in outputs:
+                extra["mean_logits"] = logits.mean(-1).masked_fill(~mask, 0)
+            if "is_top1" in outputs:
+                extra["is_top1"] = (logits.argmax(-1) == labels) & mask
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None:
+            loss = loss + getattr(config, "router_aux_loss_coef", 0.0) * aux
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=aux, **extra)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def logprob_head_kind(recipe: dict, cuda: bool) -> str:
+    """``fused`` or ``logits``: the recipe's ``logprob_head`` with ``auto`` decided by the device."""
+    kind = recipe["logprob_head"]
+    return ("fused" if cuda else "logits") if kind == "auto" else kind
+
+
+@contextlib.contextmanager
+def logprob_head(recipe: dict, trainer_class, vocab_size: int):
+    """While ``trainer_class`` is built: its LM head for per-token log-probabilities.
+
+    ``logits`` swaps trl's ``add_fused_lm_head`` for :func:`add_logits_lm_head` in the modules of the
+    trainer's classes. ``fused`` keeps trl's head with tiles of at most the (128-rounded) vocabulary:
+    trl 1.16 allocates a ``tokens x 32768`` buffer per call whatever the vocabulary (on CPU with a
+    small vocabulary that allocation dominated the step: 0.45 -> 0.1 s/step for DPO on the tiny model).
+    """
+    import torch
+    import trl.trainer.utils as tu
+
+    if logprob_head_kind(recipe, torch.cuda.is_available()) == "fused":
         tu._CHUNKED_LOGPROB_CHUNK_SIZE = min(32768, -(-vocab_size // 128) * 128)
+        yield
+        return
+    users = {sys.modules[c.__module__] for c in trainer_class.__mro__}
+    users = [m for m in users if getattr(m, "add_fused_lm_head", None) is tu.add_fused_lm_head]
+    for module in users:
+        module.add_fused_lm_head = add_logits_lm_head
+    try:
+        yield
+    finally:
+        for module in users:
+            module.add_fused_lm_head = tu.add_fused_lm_head
 
 
 def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str | None = None, run=None,
@@ -502,7 +574,6 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     else:
         model, peft_config = load_policy(base, recipe, dtype, STAGES[stage].reference)
     initial_adapter = keep_initial_adapter(model, recipe, checkpoints)  # PiSSA/OLoRA only
-    fit_logprob_tiles(model.config.get_text_config().vocab_size)
 
     batch = recipe["batch_size"]
     accum = recipe["gradient_accumulation_steps"]
@@ -552,6 +623,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "grpo_variant": variant,
         "train_type": recipe.get("train_type", "lora"),
         "reference": reference_kind(stage, recipe, variant),
+        "logprob_head": logprob_head_kind(recipe, cuda) if STAGES[stage].logprob_head else None,
         "steps": trainer.state.global_step,
         "resumed_from": resume,
         "train_loss": result.training_loss,

@@ -20,6 +20,7 @@ class Stage:
     reference: bool = False  # trains against the starting model (grpo: when grpo.beta > 0)
     pretemplate: bool = False  # chat rows rendered to prompt/chosen/rejected text first
     pair_batches: bool = False  # batches of chosen/rejected masks without input_ids (tokens counted by align)
+    logprob_head: bool = False  # scores tokens through trl's add_fused_lm_head (recipe key logprob_head)
     keys: tuple = ()  # trl config keys a recipe sets at its top level (grpo: its grpo: block)
 
 
@@ -31,9 +32,11 @@ STAGES = {
     "pt": Stage("train", "text", "pretrain.jsonl"),
     "sft": Stage("train", "chat", "train.jsonl"),
     "dpo": Stage(**_PREF, trainer="trl:DPOTrainer", config="trl:DPOConfig", reference=True,
+                 logprob_head=True,
                  keys=("beta", "loss_type", "loss_weights", "label_smoothing", "ld_alpha", "f_divergence_type",
                        "f_alpha_divergence_coef", "use_weighting", "discopop_tau", "precompute_ref_log_probs")),
     "kto": Stage("align", "kto", "kto.jsonl", trainer="trl:KTOTrainer", config="trl:KTOConfig", reference=True,
+                 logprob_head=True,
                  keys=("beta", "loss_type", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs")),
     "orpo": Stage(**_PREF, trainer="trl.experimental.orpo:ORPOTrainer", config="trl.experimental.orpo:ORPOConfig",
                   pretemplate=True, pair_batches=True, keys=("beta",)),
@@ -43,7 +46,7 @@ STAGES = {
                 keys=("center_rewards_coefficient",)),
     # grpo.variant rloo: trl:RLOOTrainer (align.make_grpo_trainer)
     "grpo": Stage("align", "chat", "train.jsonl", trainer="trl:GRPOTrainer", config="trl:GRPOConfig",
-                  reference=True),
+                  reference=True, logprob_head=True),
 }
 
 
