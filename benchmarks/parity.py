@@ -33,6 +33,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results/parity.json"
+SHARED = ROOT.parent / "shared/parity"  # the steering side's study (the issue's); --shared picks another
 STEPS = ("full", "lora", "dpo")
 SNAKETUNE_RECIPES = {"full": "sft-full", "lora": "lora", "dpo": "dpo"}
 
@@ -43,19 +44,24 @@ def capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def study_file(study: Path, name: str) -> Path:
+    """A file of the study's folder; the scorer and the pair converter default to the shared study's."""
+    return study / name if (study / name).is_file() else SHARED / name
+
+
 def prepare(shared: Path, work: Path) -> None:
-    """The shared tiny base, the data, and the DPO pairs in snaketune's preference layout."""
+    """The study's tiny base, the data, and the DPO pairs in snaketune's preference layout."""
     py = sys.executable
     if not (work / "tiny_base/config.json").is_file():
         subprocess.run([py, shared / "build_tiny.py", work / "tiny_base"], check=True, capture_output=True)
     if not (work / "data/dpo_pref.jsonl").is_file():
         subprocess.run([py, shared / "gen_data.py", work / "data"], check=True, capture_output=True)
-        subprocess.run([py, shared / "to_pref.py", work / "data/dpo_train.jsonl", work / "data/dpo_pref.jsonl"],
-                       check=True)
+        subprocess.run([py, study_file(shared, "to_pref.py"), work / "data/dpo_train.jsonl",
+                        work / "data/dpo_pref.jsonl"], check=True)
 
 
 def score(shared: Path, work: Path, model: Path) -> float:
-    out = subprocess.run([sys.executable, shared / "eval_acc.py", "--model", model, "--heldout",
+    out = subprocess.run([sys.executable, study_file(shared, "eval_acc.py"), "--model", model, "--heldout",
                           work / "data/heldout.jsonl"], check=True, capture_output=True, text=True,
                          env={**os.environ, "NTHREADS": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])["acc"]
@@ -67,9 +73,9 @@ def run_snaketune(shared: Path, work: Path, seed: int, tag: str, overrides: dict
     folder.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((shared / "snaketune-config.yaml").read_text())
     config["models"]["tiny"]["path"] = str(work / "tiny_base")
-    for name in ("arith", "arith-dpo"):
+    for dataset in config["datasets"].values():
         for key in ("path", "test_path"):
-            config["datasets"][name][key] = str(work / "data" / Path(config["datasets"][name][key]).name)
+            dataset[key] = str(work / "data" / Path(dataset[key]).name)
     for recipe in config["recipes"].values():
         recipe.update(overrides)
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -138,14 +144,14 @@ def run_swift(shared: Path, work: Path, seed: int, swift: str, steps: list[str])
 def table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["system"], r["tag"], r["capability"], r["step"]), []).append(r)
-    lines = ["| system | tag | capability | step | seeds | accuracy per seed | mean | s/step (median) |",
-             "|---|---|---|---|---|---|---:|---:|"]
-    for (system, tag, cap, step), rs in sorted(groups.items()):
+        groups.setdefault((r.get("study", "parity"), r["system"], r["tag"], r["capability"], r["step"]), []).append(r)
+    lines = ["| study | system | tag | capability | step | seeds | accuracy per seed | mean | s/step (median) |",
+             "|---|---|---|---|---|---|---|---:|---:|"]
+    for (study, system, tag, cap, step), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])
         accs = [r["acc"] for r in rs]
         times = sorted(r["s_per_step"] for r in rs)
-        lines.append(f"| {system} | {tag} | {cap} | {step} | {','.join(str(r['seed']) for r in rs)} | "
+        lines.append(f"| {study} | {system} | {tag} | {cap} | {step} | {','.join(str(r['seed']) for r in rs)} | "
                      f"{' / '.join(f'{a:.3f}' for a in accs)} | {sum(accs) / len(accs):.3f} | "
                      f"{times[len(times) // 2]:.3f} |")
     return "\n".join(lines)
@@ -153,7 +159,9 @@ def table(rows: list[dict]) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared/parity")
+    ap.add_argument("--shared", type=Path, default=SHARED,
+                    help="the study's folder (build_tiny.py, gen_data.py, snaketune-config.yaml, "
+                         "ms-swift-commands.txt); benchmarks/parity2 is the second study")
     ap.add_argument("--work", type=Path, required=True, help="scratch folder (models, data, runs)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--systems", nargs="+", choices=["snaketune", "swift"], default=["snaketune", "swift"])
@@ -168,7 +176,7 @@ def main():
     prepare(args.shared.resolve(), work)
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     cap = capability()
-    meta = {"capability": cap, "mkl_cbwr": os.environ.get("MKL_CBWR"), "machine": platform.processor() or platform.machine(),
+    meta = {"study": args.shared.resolve().name, "capability": cap, "mkl_cbwr": os.environ.get("MKL_CBWR"), "machine": platform.processor() or platform.machine(),
             "date": time.strftime("%Y-%m-%d")}
 
     def one(system: str, seed: int) -> list[dict]:
