@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,8 +47,10 @@ def snaketune_once(folder: Path) -> dict:
            str(folder), "--configfile", str(folder / "config.yaml"), "--cores", "1", "--config", "seed=0",
            "--force", "--rerun-triggers", "mtime", "--", "results/tiny/dpo/model"]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SNAKETUNE_TRACKING")}
+    shutil.rmtree(folder / "results/tiny/dpo/checkpoints", ignore_errors=True)  # else it resumes at step 50
     subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=folder)
     t = json.loads((folder / "results/tiny/dpo/model/training.json").read_text())
+    assert t["resumed_from"] is None and t["steps"] == 50, t
     return {"s_per_step": t["wall_seconds"] / t["steps"],
             "steady_s_per_step": t["steady_seconds"] / t["steady_steps"],
             "logprob_head": t.get("logprob_head"), "final_loss": t["final_loss"]}

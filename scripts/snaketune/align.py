@@ -478,27 +478,44 @@ def add_logits_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
         out = original(*args, **kw)
         logits = out.logits if shift_labels is not None else out.logits[:, :-1]
         labels = shift_labels if shift_labels is not None else labels[:, 1:]
-        logits = logits.float() / temperature
         mask = labels != -100
-        logp = logits.log_softmax(-1)
-        log_probs = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0)
-        extra = {}
+        # only the scored positions (completions) go through the softmax, as trl's head does on GPUs
+        scored = logits[mask].float()
+        if temperature != 1.0:
+            scored = scored / temperature
+        lse = scored.logsumexp(-1)
+        target = labels[mask]
+        per_token = {"log_probs": scored.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse}
         with torch.no_grad():
+            logp = scored.detach() - lse.detach().unsqueeze(-1)
             if "entropy" in outputs:
-                extra["entropy"] = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0)
+                per_token["entropy"] = -(logp.exp() * logp).sum(-1)
             if "log_sum_sq_probs" in outputs:
-                extra["log_sum_sq_probs"] = (2 * logp).logsumexp(-1).masked_fill(~mask, 0)
+                per_token["log_sum_sq_probs"] = (2 * logp).logsumexp(-1)
             if "mean_logits" in outputs:
-                extra["mean_logits"] = logits.mean(-1).masked_fill(~mask, 0)
+                per_token["mean_logits"] = scored.detach().mean(-1)
             if "is_top1" in outputs:
-                extra["is_top1"] = (logits.argmax(-1) == labels) & mask
+                per_token["is_top1"] = scored.detach().argmax(-1) == target
+        per_token = {k: v.new_zeros(mask.shape).masked_scatter(mask, v) for k, v in per_token.items()}
+        log_probs = per_token["log_probs"]
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         aux = getattr(out, "aux_loss", None)
         if aux is not None:
             loss = loss + getattr(config, "router_aux_loss_coef", 0.0) * aux
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=aux, **extra)
+        return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux, **per_token)
 
     model.forward = types.MethodType(forward, model)
+
+
+def cache_package_lookups() -> None:
+    """accelerate asks importlib.metadata whether peft is installed (about 2 ms each time) twice in
+    every step of trl's DPO/KTO (``is_peft_model``); the answer cannot change while a run lasts."""
+    import functools
+
+    import accelerate.utils.imports as imports
+
+    if not hasattr(imports._is_package_available, "cache_info"):
+        imports._is_package_available = functools.cache(imports._is_package_available)
 
 
 def logprob_head_kind(recipe: dict, cuda: bool) -> str:
@@ -603,6 +620,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
           f"{dtype_name}, reference: {reference_kind(stage, recipe, variant)}", flush=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    cache_package_lookups()
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     if preempted.signal:
