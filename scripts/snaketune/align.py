@@ -47,8 +47,8 @@ from snaketune.files import read_jsonl, record_names
 from snaketune.registry import LORA_TYPES, STAGES
 from snaketune.schema import resolve
 from snaketune.tracking import NullRun
-from snaketune.train import (EXIT_REQUEUE, Preempted, claim_checkpoints, inputs_fingerprint, tracking_resume,
-                             keep_initial_adapter, latest_checkpoint, load_model, make_callback, pick_dtype,
+from snaketune.train import (EXIT_REQUEUE, Preempted, claim_checkpoints, freeze_heap, inputs_fingerprint,
+                             tracking_resume, keep_initial_adapter, latest_checkpoint, load_model, make_callback, pick_dtype,
                              save, saved_dtype, trainer_args, wrap_model)
 
 ALIGN_STAGES = [name for name, stage in STAGES.items() if stage.step == "align"]
@@ -621,6 +621,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     cache_package_lookups()
+    freeze_heap()
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     if preempted.signal:

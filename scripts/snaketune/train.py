@@ -357,6 +357,19 @@ def optimizer(recipe: dict, cuda: bool) -> str:
     return name
 
 
+def freeze_heap() -> None:
+    """Put every object alive before training into the garbage collector's permanent generation.
+
+    The Trainer starts ``train()`` with a full ``gc.collect()`` (accelerate's ``free_memory``), and
+    the collector's full passes during training walk the whole heap: with torch, transformers, trl,
+    datasets and MLflow imported that took 0.44 s per run of the parity study's 50 DPO steps.
+    Frozen objects are never collected; what is freed later is collected as usual.
+    """
+    import gc
+
+    gc.freeze()
+
+
 def trainer_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, total_steps: int) -> dict:
     """TrainingArguments keywords from a recipe (shared by train and align): optimiser, schedule,
     checkpoints, seeds, precision, and the multi-process strategy when there is one."""
@@ -755,6 +768,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
           f"batch {batch}x{accum}x{world}, {dtype_name}, speed-ups: {on}", flush=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    freeze_heap()
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     if preempted.signal:
