@@ -39,8 +39,8 @@ TINY = dict(source="tiny", hidden_size=32, intermediate_size=64, num_hidden_laye
             num_key_value_heads=2, vocab_size=512, seed=0)
 QWEN05 = dict(source="tiny", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
               num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096, seed=0)
-PREFERENCE = {"dpo": {"beta": 0.5}, "kto": {"beta": 0.5}, "orpo": {"beta": 0.1},
-              "simpo": {"beta": 2.0, "simpo_gamma": 0.5}, "cpo": {"beta": 0.1}}
+PREFERENCE = {"dpo": {"dpo": {"beta": 0.5}}, "kto": {"kto": {"beta": 0.5}}, "orpo": {"orpo": {"beta": 0.1}},
+              "simpo": {"simpo": {"beta": 2.0, "simpo_gamma": 0.5}}, "cpo": {"cpo": {"beta": 0.1}}}
 VARIANTS = ("dapo", "dr_grpo", "bnpo", "gspo", "cispo", "sapo", "luspo", "vespo", "rloo", "reinforce++")
 
 
@@ -248,8 +248,8 @@ def speed_rows(work: Path, only, prompt_tokens: int, steps: int) -> list[dict]:
     common = {"train_type": "lora", "learning_rate": 1e-5, "max_steps": steps, "logging_steps": 1, "seed": 0,
               "max_length": prompt_tokens + 256, "save_steps": 10000}
     plans = {
-        "dpo-0.5b-lora-8": {**common, "stage": "dpo", "batch_size": 8, "beta": 0.1},
-        "kto-0.5b-lora-8": {**common, "stage": "kto", "batch_size": 8, "beta": 0.1},
+        "dpo-0.5b-lora-8": {**common, "stage": "dpo", "batch_size": 8, "dpo": {"beta": 0.1}},
+        "kto-0.5b-lora-8": {**common, "stage": "kto", "batch_size": 8, "kto": {"beta": 0.1}},
         "grpo-0.5b-lora-4x8": {**common, "stage": "grpo", "batch_size": 4,
                                "grpo": {"num_generations": 8, "max_completion_length": 128, "temperature": 1.0}},
     }

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from snaketune.schema import block_schema
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results/parity.json"
 SHARED = ROOT.parent / "shared/parity"  # the steering side's study (the issue's); --shared picks another
@@ -67,6 +69,15 @@ def score(shared: Path, work: Path, model: Path) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["acc"]
 
 
+def nest_method_keys(recipe: dict) -> None:
+    """Move a stage's own keys (``beta``, ...) from the recipe's top level, where the shared config
+    writes them as snaketune did before per-method blocks, into the stage's block (``dpo: {beta: ...}``)."""
+    own = block_schema("recipes")["properties"].get(recipe["stage"], {}).get("properties", {})
+    moved = {key: recipe.pop(key) for key in list(recipe) if key in own}
+    if moved:
+        recipe.setdefault(recipe["stage"], {}).update(moved)
+
+
 def run_snaketune(shared: Path, work: Path, seed: int, tag: str, overrides: dict, steps: list[str]) -> list[dict]:
     """The shared study through the workflow; one row per step."""
     folder = work / f"snaketune-{tag}-s{seed}"
@@ -77,6 +88,7 @@ def run_snaketune(shared: Path, work: Path, seed: int, tag: str, overrides: dict
         for key in ("path", "test_path"):
             dataset[key] = str(work / "data" / Path(dataset[key]).name)
     for recipe in config["recipes"].values():
+        nest_method_keys(recipe)
         recipe.update(overrides)
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     targets = [f"results/tiny/{SNAKETUNE_RECIPES[s]}/model" for s in steps]

@@ -91,11 +91,11 @@ def mean(xs):
 
 # key parameters per method: 100 steps, lr 1e-4, full fine-tuning, from `pref_sft`.
 METHODS = {
-    "dpo": {"beta": 0.5},
-    "kto": {"beta": 0.5},
-    "orpo": {"beta": 0.1},
-    "simpo": {"beta": 2.0, "simpo_gamma": 0.5},
-    "cpo": {"beta": 0.1},
+    "dpo": {"dpo": {"beta": 0.5}},
+    "kto": {"kto": {"beta": 0.5}},
+    "orpo": {"orpo": {"beta": 0.1}},
+    "simpo": {"simpo": {"beta": 2.0, "simpo_gamma": 0.5}},
+    "cpo": {"cpo": {"beta": 0.1}},
 }
 
 
@@ -143,7 +143,7 @@ def test_dpo_loss_matches_an_independent_computation(head, sft_model, arith, tmp
 
     tok = AutoTokenizer.from_pretrained(sft_model)
     rows = read(arith / "preference.jsonl")[:6]
-    recipe = resolve("recipes", {"stage": "dpo", "train_type": "lora", "beta": 0.3, "learning_rate": 5e-6,
+    recipe = resolve("recipes", {"stage": "dpo", "train_type": "lora", "dpo": {"beta": 0.3}, "learning_rate": 5e-6,
                                  "batch_size": 6, "max_steps": 1, "logprob_head": head})
     model, peft_config = load_policy(str(sft_model), recipe, torch.float32)
     common = _common_args(recipe, tmp_path / "ckpt", False, "fp32", 1)
@@ -235,7 +235,7 @@ def test_lora_dpo_from_the_cli_logs_to_mlflow(sft_model, arith, tmp_path):
 
     out = tmp_path / "adapter"
     recipe = {"stage": "dpo", "train_type": "lora", "learning_rate": 5e-3, "batch_size": 8, "max_steps": 6,
-              "logging_steps": 2, "beta": 0.1, "loss_type": "ipo", "seed": 0}
+              "logging_steps": 2, "dpo": {"beta": 0.1, "loss_type": "ipo"}, "seed": 0}
     main(["--base", str(sft_model), "--data", str(arith), "--params", json.dumps(recipe), "--out", str(out),
           "--cache-dir", str(tmp_path / "cache"), "--model-name", "tiny", "--variant", "dpo"])
     assert PeftConfig.from_pretrained(out).peft_type == "LORA"

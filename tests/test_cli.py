@@ -235,7 +235,7 @@ PARITY = {
                  "--max_steps 50 --save_steps 50 --logging_steps 5 --per_device_train_batch_size 32 "
                  "--learning_rate 5e-5 --lr_scheduler_type constant --warmup_steps 0 --weight_decay 0.0 "
                  "--tuner_type full --max_length 64 --seed 0 --adam_beta2 0.999",
-                 {"stage": "dpo", "train_type": "full", "beta": 0.1, "learning_rate": 5.0e-5,
+                 {"stage": "dpo", "train_type": "full", "dpo": {"beta": 0.1}, "learning_rate": 5.0e-5,
                   "lr_scheduler": "constant", "batch_size": 32, "max_steps": 50, "max_length": 64,
                   "logging_steps": 5, "save_steps": 50}),
 }
@@ -309,7 +309,7 @@ def test_from_swift_fills_ms_swifts_defaults_and_maps_tuners_and_datasets(swift_
                                     "data/kto.jsonl", "--beta", "0.2", "--deepspeed", "zero3_offload"],
                                    bench="data/train.jsonl")
     [recipe] = config["recipes"].values()
-    assert recipe["stage"] == "kto" and recipe["beta"] == 0.2 and config["datasets"]["kto"]["format"] == "kto"
+    assert recipe["stage"] == "kto" and recipe["kto"] == {"beta": 0.2} and config["datasets"]["kto"]["format"] == "kto"
     assert recipe["distributed"] == {"strategy": "deepspeed", "zero_stage": 3, "offload": True}
     assert config["benches"]["heldout"]["dataset"] == "train"
     validate(config, SCHEMA, set_default=True)

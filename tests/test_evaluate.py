@@ -50,4 +50,4 @@ def test_summary_report_and_bundle_read_the_records_names_not_their_paths(tmp_pa
     assert collect_metrics(results) == {"eval/m/sft/q8/b.exact_match": 0.5, "eval/m/sft/q8/b.n": 4,
                                         "train/m/sft.train_loss": 1.0, "train/m/sft.steps": 3,
                                         "train/m/sft.loss_history": [[3, 1.0]]}
-    assert [r["name"] for r in training_runs([str(results / "x" / "y" / "adapter")], results)] == ["m/sft"]
+    assert [r["name"] for r in training_runs([str(results / "x" / "y" / "adapter")])] == ["m/sft"]

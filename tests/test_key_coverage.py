@@ -44,9 +44,11 @@ READ_ELSEWHERE = {
     "quantize.dataset": "common.smk: the calibration dataset folder (quant_dataset)",
     "serving.variants": "common.smk: serving_targets",
 }
+# the align stages' own blocks (recipes.dpo, ..., recipes.grpo)
+METHOD_BLOCKS = [stage for stage in STAGES if stage in block_schema("recipes")["properties"]]
 SECTIONS = ["models", "datasets", "recipes", "recipes.lora", "recipes.quantization", "recipes.freeze",
-            "recipes.distributed", "recipes.grpo", "quantize", "quantize.calibration", "benches", "serving",
-            "serving.vllm"]
+            "recipes.distributed", *(f"recipes.{stage}" for stage in METHOD_BLOCKS), "quantize",
+            "quantize.calibration", "benches", "serving", "serving.vllm"]
 
 
 def _chain(node):
@@ -167,8 +169,12 @@ def test_keys_allowed_as_read_by_the_rules_are_read_there():
 def test_every_key_of_a_step_block_is_read():
     read = {".".join([section, *keys]) for section, keys, _, _ in _block_reads()}
     read |= {".".join([ALSO_READ[(m, v)], *keys]) for m, v, keys, _, _ in reads() if (m, v) in ALSO_READ}
-    read |= {f"recipes.{key}" for stage in STAGES.values() for key in stage.keys}  # trl keys, passed on
-    read |= {f"recipes.grpo.{key}" for key in GRPO_KEYS}  # passed on to trl's GRPOConfig/RLOOConfig as they are
+    # a stage's block, read by align.method_args as recipe.get(stage), is passed on to its trl config as
+    # it is (grpo: GRPO_KEYS)
+    read |= {f"recipes.{stage}" for stage in METHOD_BLOCKS}
+    read |= {f"recipes.{stage}.{key}" for stage in METHOD_BLOCKS if stage != "grpo"
+             for key in block_schema(f"recipes.{stage}")["properties"]}
+    read |= {f"recipes.grpo.{key}" for key in GRPO_KEYS}
     unread = []
     for section in SECTIONS:
         for key in block_schema(section).get("properties", {}):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from snaketune import report as report_module
-from snaketune.report import benchmark_rss, plot_scores, score_table
+from snaketune.report import plot_scores, score_table
 from conftest import snakemake
 from test_determinism import MODEL
 
@@ -74,10 +74,19 @@ def test_score_chart_has_a_legend_of_the_variant_kinds(tmp_path, monkeypatch):
     assert legends == [["base", "trained", "quantized"], ["base", "trained"]]
 
 
-def test_benchmark_rss_reads_snakemake_tsv(tmp_path):
-    tsv = tmp_path / "b.tsv"
-    tsv.write_text("s\th:m:s\tmax_rss\tmax_vms\n1.5\t0:00:01\t812.25\t900\n")
-    assert benchmark_rss(tsv) == 812.25 and benchmark_rss(tmp_path / "none.tsv") is None
+def test_peak_memory_a_step_records_counts_its_server():
+    """Records carry their own peak memory (tracking.peak_rss_mb): with children=True a larger child,
+    as serving_bench's server, sets it."""
+    import subprocess
+    import sys
+
+    from snaketune.tracking import peak_rss_mb
+
+    own = peak_rss_mb()
+    big = int(own + 300)  # MB, more than this process ever held
+    subprocess.run([sys.executable, "-c", f"b = bytearray({big} * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+                   check=True)
+    assert peak_rss_mb() < big <= peak_rss_mb(children=True) < big + 100
 
 
 # ------------------------------------------------------------------------------------- slow
@@ -234,18 +243,16 @@ def test_each_figure_shows_in_the_report_in_chromium(report, tmp_path, figure):
 
 
 def test_serving_runs_get_a_throughput_panel(tmp_path):
-    """Serving benchmarks (rule serving_bench: <model>/<variant>/serving/<engine>.json) add output
-    tokens/s by concurrency and their peak memory."""
+    """Serving benchmarks add output tokens/s by concurrency and their peak memory, named by what
+    their JSON says it served (not by where it lies)."""
     from snaketune.report import plot_throughput, serving_runs
 
-    results = tmp_path / "results"
-    (results / "m/sft/serving").mkdir(parents=True)
-    (results / "m/sft/serving/transformers.json").write_text(json.dumps({
-        "engine": "transformers", "levels": [{"concurrency": 1, "output_tokens_per_s": 50.0},
-                                             {"concurrency": 4, "output_tokens_per_s": 120.5}]}))
-    (results / "benchmarks/m/sft/serving").mkdir(parents=True)
-    (results / "benchmarks/m/sft/serving/transformers.tsv").write_text("s\tmax_rss\n3\t1500.5\n")
-    runs = serving_runs(results)
+    path = tmp_path / "x" / "elsewhere.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({
+        "model": "m", "variant": "sft", "engine": "transformers", "peak_rss_mb": 1500.5,
+        "levels": [{"concurrency": 1, "output_tokens_per_s": 50.0}, {"concurrency": 4, "output_tokens_per_s": 120.5}]}))
+    runs = serving_runs([str(path)])
     assert runs == [{"name": "m/sft (transformers)", "engine": "transformers", "concurrency": [1, 4],
                      "output_tokens_per_s": [50.0, 120.5], "max_rss_mb": 1500.5}]
     train = [{"name": "m/sft", "tokens_per_s": 1000.0, "max_rss_mb": 800.0}]
@@ -271,7 +278,7 @@ def test_loss_plot_shows_the_held_out_loss_of_eval_steps(tmp_path, monkeypatch):
         (folder / "training.json").write_text(json.dumps({"model": "m", "variant": recipe, "recipe": recipe, "stage": "sft",
                                                           "train_type": "lora", "log_history": log}))
         dirs.append(str(folder))
-    runs = training_runs(dirs, results)
+    runs = training_runs(dirs)
     assert [(r["name"], r["eval_steps"], r["eval_loss"]) for r in runs] == [("m/with", [2, 4], [2.5, 2.1]),
                                                                              ("m/without", [], [])]
     drawn = []

@@ -94,3 +94,45 @@ def test_unknown_key_stops_snakemake_with_the_key_named(tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert "recipes.pt: Additional properties are not allowed ('epoch' was unexpected)" in out
+
+
+def test_a_stages_own_keys_sit_in_its_block(tmp_path):
+    """A DPO key at the recipe's top level (where it was before per-method blocks) stops the run with
+    the block to move it into; a block of another stage (a kto: block in a dpo recipe, which would do
+    nothing) stops it naming the block (issue 14)."""
+    config = default_config()
+    config["recipes"]["dpo"] = {"stage": "dpo", "from": "sft-lora", "train_type": "lora", "dataset": "arith",
+                                "beta": 0.3}
+    out = _dry_run(tmp_path, config)
+    assert out.returncode != 0
+    assert "recipes.dpo: Additional properties are not allowed ('beta' was unexpected)" in out.stdout + out.stderr
+    assert "`dpo: {beta: 0.3}`" in out.stdout + out.stderr
+
+    config["recipes"]["dpo"].pop("beta")
+    config["recipes"]["dpo"]["kto"] = {"beta": 0.3}
+    out = _dry_run(tmp_path, config)
+    assert out.returncode != 0
+    assert "recipes.dpo.kto: a kto: block in a stage 'dpo' recipe would do nothing" in out.stdout + out.stderr
+
+    config["recipes"]["dpo"]["dpo"] = config["recipes"]["dpo"].pop("kto")
+    assert _dry_run(tmp_path, config).returncode == 0
+
+
+def test_method_args_are_the_blocks_with_the_schemas_defaults():
+    """What each align stage passes to its trl config: its block, the schema's defaults filled in
+    (SimPO's beta 2.0 and no NLL term), max_length, and no key of any other stage."""
+    from snaketune.align import method_args
+    from snaketune.registry import STAGES
+    from snaketune.schema import block_schema
+
+    recipe = {"max_length": 64}
+    assert method_args(recipe, "dpo") == {"beta": 0.1, "max_length": 64}
+    assert method_args({**recipe, "dpo": {"loss_type": "ipo"}}, "dpo") == {"beta": 0.1, "loss_type": ["ipo"],
+                                                                         "max_length": 64}
+    assert method_args(recipe, "simpo") == {"beta": 2.0, "simpo_gamma": 0.5, "cpo_alpha": 0.0,
+                                            "loss_type": "simpo", "max_length": 64}
+    assert method_args({**recipe, "orpo": {"nll": "full"}}, "orpo") == {"beta": 0.1, "max_length": 64}
+    assert method_args({**recipe, "kto": {"beta": 0.5}, "dpo": {"beta": 9.0}}, "kto")["beta"] == 0.5
+    # every align stage has its block in the schema, and no other stage has one
+    blocks = {stage for stage in STAGES if stage in block_schema("recipes")["properties"]}
+    assert blocks == {name for name, stage in STAGES.items() if stage.step == "align"}

@@ -68,6 +68,7 @@ def check_record(rec: dict, levels: list[int]) -> None:
     assert rec["schema_version"] == 1
     assert rec["engine"] in ("transformers", "vllm")
     assert isinstance(rec["server"]["ready_s"], float) and rec["server"]["stopped"] is True
+    assert rec["peak_rss_mb"] > 100  # the step's or its server's peak, whichever is larger
     assert [lv["concurrency"] for lv in rec["levels"]] == levels
     for lv in rec["levels"]:
         assert lv["errors"] == 0, lv["error_examples"]

@@ -64,6 +64,12 @@ def test_sft_learns_what_base_cannot(default_study):
     quantized = json.loads((work / f"results/{MODEL}/sft-lora/fp8/model/quantization.json").read_text())
     assert (training["model"], training["recipe"]) == (MODEL, "sft-lora")
     assert (quantized["model"], quantized["variant"], quantized["quantize"]) == (MODEL, "sft-lora/fp8", "fp8")
+    serving = json.loads((work / f"results/{MODEL}/sft-lora/fp8/serving/transformers.json").read_text())
+    assert (serving["model"], serving["variant"], serving["quantize"]) == (MODEL, "sft-lora/fp8", "fp8")
+    assert training["peak_rss_mb"] > 0 and serving["peak_rss_mb"] > 0
+    summary = json.loads((work / "results/summary.json").read_text())
+    served = {(r["variant"], r["serving"]["serving_json"]) for r in summary["rows"] if r["serving"]}
+    assert served == {(v, f"results/{MODEL}/{v}/serving/transformers.json") for v in ("sft-lora", "sft-lora/fp8")}
     assert record["n"] == 200 and record["metric"] == "exact_match" and len(record["model_sha256"]) == 64
     assert record["model_path"].endswith("sft-lora/model")
 

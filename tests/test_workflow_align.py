@@ -19,7 +19,7 @@ def align_config():
     config["recipes"]["pt"].update(epochs=2)
     config["recipes"]["sft-lora"].update(max_steps=10)
     config["recipes"]["dpo"] = {"stage": "dpo", "from": "sft-lora", "train_type": "lora", "dataset": "arith",
-                                "beta": 0.5, "learning_rate": 1e-3, "max_steps": 4, "batch_size": 8,
+                                "dpo": {"beta": 0.5}, "learning_rate": 1e-3, "max_steps": 4, "batch_size": 8,
                                 "logging_steps": 2}
     config["recipes"]["rm"] = {"stage": "rm", "from": "sft-lora", "train_type": "full", "dataset": "arith",
                                "max_steps": 2, "batch_size": 8}

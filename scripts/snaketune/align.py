@@ -45,21 +45,16 @@ from pathlib import Path
 from snaketune.errors import SnaketuneError, cli
 from snaketune.files import read_jsonl, record_names
 from snaketune.registry import LORA_TYPES, STAGES
-from snaketune.schema import resolve
-from snaketune.tracking import NullRun
+from snaketune.schema import block_schema, resolve
+from snaketune.tracking import NullRun, peak_rss_mb
 from snaketune.train import (EXIT_REQUEUE, Preempted, claim_checkpoints, freeze_heap, inputs_fingerprint,
                              tracking_resume, keep_initial_adapter, latest_checkpoint, load_model, make_callback, pick_dtype,
                              save, saved_dtype, trainer_args, wrap_model)
 
 ALIGN_STAGES = [name for name, stage in STAGES.items() if stage.step == "align"]
-GRPO_VARIANTS = ("grpo", "dapo", "dr_grpo", "bnpo", "gspo", "cispo", "sapo", "luspo", "vespo", "rloo",
-                 "reinforce++")
-GRPO_KEYS = ("num_generations", "beta", "epsilon", "epsilon_high", "temperature", "top_p", "top_k",
-             "max_completion_length", "num_iterations", "scale_rewards", "mask_truncated_completions",
-             "importance_sampling_level", "use_vllm", "vllm_mode", "vllm_server_base_url",
-             "vllm_gpu_memory_utilization", "generation_batch_size", "steps_per_generation", "loss_type",
-             "normalize_advantages", "reward_clip_range", "repetition_penalty", "top_entropy_quantile",
-             "entropy_coef", "multi_objective_aggregation", "max_tool_calling_iterations", "delta")
+# the grpo: block's variants and the keys passed on to trl's GRPOConfig/RLOOConfig (the schema's)
+GRPO_VARIANTS = tuple(block_schema("recipes.grpo")["properties"]["variant"]["enum"])
+GRPO_KEYS = tuple(k for k in block_schema("recipes.grpo")["properties"] if k not in ("variant", "rewards", "tools"))
 
 # What each GRPO-family variant means in trl 1.16 terms (recipe keys in ``grpo:`` win over these).
 VARIANT_DEFAULTS = {
@@ -169,16 +164,15 @@ def _common_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, t
     return args
 
 
-def _stage_args(recipe: dict, stage: str) -> dict:
-    """The stage's trl config keys the recipe sets (STAGES[stage].keys; any other field: ``trl_args``)."""
-    keys = STAGES[stage].keys
-    out = {k: recipe[k] for k in keys if k in recipe}
-    if "max_length" in recipe and stage != "grpo":
+def method_args(recipe: dict, stage: str) -> dict:
+    """The stage's own trl config keys: the recipe's ``<stage>:`` block with the schema's defaults
+    (``recipes.<stage>``; any other trl field: ``trl_args``), and its ``max_length``."""
+    out = resolve(f"recipes.{stage}", recipe.get(stage, {}))
+    out.pop("nll", None)  # orpo: which trainer class (orpo_trainer_class), no config key
+    if "max_length" in recipe:
         out["max_length"] = recipe["max_length"]
     if stage == "simpo":
         out["loss_type"] = "simpo"
-        out.setdefault("cpo_alpha", 0.0)  # SimPO proper has no NLL term; set cpo_alpha > 0 for CPO-SimPO
-        out.setdefault("beta", 2.0)
     if stage == "dpo" and isinstance(out.get("loss_type"), str):
         out["loss_type"] = [out["loss_type"]]
     return out
@@ -358,7 +352,7 @@ def reward_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 32) ->
 
 
 def orpo_trainer_class(nll: str):
-    """trl's ORPOTrainer, or (``orpo_nll: completion``, the default) one whose NLL term covers the
+    """trl's ORPOTrainer, or (``orpo.nll: completion``, the default) one whose NLL term covers the
     chosen completion only, like CPO and SFT: trl 1.16 takes it over prompt and completion, which on a
     chat SFT model that never modelled prompts makes the NLL of the prompt dominate the loss."""
     from trl.experimental.orpo import ORPOTrainer
@@ -366,7 +360,7 @@ def orpo_trainer_class(nll: str):
     if nll == "full":
         return ORPOTrainer
     if nll != "completion":
-        raise SnaketuneError(f"unknown orpo_nll {nll!r}: use completion or full")
+        raise SnaketuneError(f"unknown orpo.nll {nll!r}: use completion or full")
 
     class CompletionNLLORPOTrainer(ORPOTrainer):
         def concatenated_forward(self, model, batch):
@@ -405,12 +399,12 @@ def make_trainer(stage: str, model, tokenizer, dataset, recipe: dict, common: di
         warnings.simplefilter("ignore", UserWarning)  # experimental-API notices of ORPO/CPO
         Config = _symbol(spec.config)
         if stage == "orpo":
-            Trainer = orpo_trainer_class(recipe["orpo_nll"])
+            Trainer = orpo_trainer_class(resolve("recipes.orpo", recipe.get("orpo", {}))["nll"])
         else:
             Trainer = _symbol(spec.trainer)
         if spec.pair_batches:
             Trainer = counting_pair_tokens(Trainer)
-        config = Config(**common, **_stage_args(recipe, stage), **extra)
+        config = Config(**common, **method_args(recipe, stage), **extra)
         kw = {"peft_config": peft_config} if peft_config is not None else {}
         with logprob_head(recipe, Trainer, model.config.get_text_config().vocab_size):
             return Trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -653,6 +647,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "tokens": trainer.state.num_input_tokens_seen,
         **progress.timing(),
         "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_rss_mb": peak_rss_mb(),  # this process (rank 0)
         "trainable_params": trainable,
         "total_params": total,
         "dtype": dtype_name,

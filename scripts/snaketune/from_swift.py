@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
+from snaketune.schema import block_schema
 
 STAGES = {"dpo", "kto", "orpo", "simpo", "cpo"}  # swift rlhf --rlhf_type values with a snaketune stage
 # ms-swift's defaults (its documented TrainArguments/TunerArguments) that differ from snaketune's
@@ -377,14 +378,23 @@ def convert(argv: list[str], study: str | None = None, bench: str | None = None,
         if not m:
             raise SnaketuneError(f"--deepspeed {deepspeed}: snaketune takes zero2, zero3, zero2_offload, zero3_offload")
         recipe["distributed"] = {"strategy": "deepspeed", "zero_stage": int(m[1]), "offload": bool(m[2])}
-    if stage in STAGES:
-        for flag, kind in (("beta", float), ("simpo_gamma", float), ("cpo_alpha", float),
-                           ("desirable_weight", float), ("undesirable_weight", float), ("label_smoothing", float)):
-            if flag in flags:
-                recipe[flag] = take(flag, kind)
-        if "loss_type" in flags:
-            values = take_list("loss_type")
-            recipe["loss_type"] = values[0] if len(values) == 1 else values
+    block_keys = block_schema("recipes").get("properties", {}).get(stage, {}).get("properties", {})
+    block = {}
+    for flag, kind in (("beta", float), ("simpo_gamma", float), ("cpo_alpha", float),
+                       ("desirable_weight", float), ("undesirable_weight", float), ("label_smoothing", float),
+                       ("loss_type", None)):
+        if flag not in flags:
+            continue
+        if flag not in block_keys:
+            raise SnaketuneError(f"--{flag} does not apply to {stage}: snaketune's {stage} recipes take "
+                                 f"{', '.join(block_keys) or 'no such keys'} (docs/align.md)")
+        if kind is None:
+            values = take_list(flag)
+            block[flag] = values[0] if len(values) == 1 else values
+        else:
+            block[flag] = take(flag, kind)
+    if block:
+        recipe[stage] = block
 
     # model, data, bench --------------------------------------------------------------------------------
     use_hf = take("use_hf", _bool, False)

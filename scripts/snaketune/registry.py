@@ -21,7 +21,8 @@ class Stage:
     pretemplate: bool = False  # chat rows rendered to prompt/chosen/rejected text first
     pair_batches: bool = False  # batches of chosen/rejected masks without input_ids (tokens counted by align)
     logprob_head: bool = False  # scores tokens through trl's add_fused_lm_head (recipe key logprob_head)
-    keys: tuple = ()  # trl config keys a recipe sets at its top level (grpo: its grpo: block)
+    # align stages: the recipe's keys for the stage sit in a block named after it (``dpo: {beta: 0.1}``),
+    # whose keys and defaults the schema owns (recipes.<stage>)
 
 
 _PREF = dict(step="align", rows="preference", data="preference.jsonl")
@@ -31,19 +32,14 @@ _CPO = dict(trainer="trl.experimental.cpo:CPOTrainer", config="trl.experimental.
 STAGES = {
     "pt": Stage("train", "text", "pretrain.jsonl"),
     "sft": Stage("train", "chat", "train.jsonl"),
-    "dpo": Stage(**_PREF, trainer="trl:DPOTrainer", config="trl:DPOConfig", reference=True,
-                 logprob_head=True,
-                 keys=("beta", "loss_type", "loss_weights", "label_smoothing", "ld_alpha", "f_divergence_type",
-                       "f_alpha_divergence_coef", "use_weighting", "discopop_tau", "precompute_ref_log_probs")),
+    "dpo": Stage(**_PREF, trainer="trl:DPOTrainer", config="trl:DPOConfig", reference=True, logprob_head=True),
     "kto": Stage("align", "kto", "kto.jsonl", trainer="trl:KTOTrainer", config="trl:KTOConfig", reference=True,
-                 logprob_head=True,
-                 keys=("beta", "loss_type", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs")),
+                 logprob_head=True),
     "orpo": Stage(**_PREF, trainer="trl.experimental.orpo:ORPOTrainer", config="trl.experimental.orpo:ORPOConfig",
-                  pretemplate=True, pair_batches=True, keys=("beta",)),
-    "simpo": Stage(**_PREF, **_CPO, keys=("beta", "simpo_gamma", "cpo_alpha", "label_smoothing")),
-    "cpo": Stage(**_PREF, **_CPO, keys=("beta", "loss_type", "cpo_alpha", "simpo_gamma", "label_smoothing", "alpha")),
-    "rm": Stage(**_PREF, trainer="trl:RewardTrainer", config="trl:RewardConfig", pretemplate=True,
-                keys=("center_rewards_coefficient",)),
+                  pretemplate=True, pair_batches=True),
+    "simpo": Stage(**_PREF, **_CPO),
+    "cpo": Stage(**_PREF, **_CPO),
+    "rm": Stage(**_PREF, trainer="trl:RewardTrainer", config="trl:RewardConfig", pretemplate=True),
     # grpo.variant rloo: trl:RLOOTrainer (align.make_grpo_trainer)
     "grpo": Stage("align", "chat", "train.jsonl", trainer="trl:GRPOTrainer", config="trl:GRPOConfig",
                   reference=True, logprob_head=True),

@@ -22,7 +22,6 @@ TSVs, serving JSON); nothing is recomputed.
 from __future__ import annotations
 
 import argparse
-import csv
 import html
 import json
 import math
@@ -32,9 +31,9 @@ from snaketune.atomic import atomic_file, write_json
 from snaketune.errors import SnaketuneError, cli
 
 
-def training_runs(train_dirs: list[str], results: Path) -> list[dict]:
-    """One record per training output folder (training.json names its model and recipe): name, loss
-    per step, throughput, peak memory (the train rule's benchmark TSV under ``results``)."""
+def training_runs(train_dirs: list[str]) -> list[dict]:
+    """One record per training output folder (training.json names its model and recipe and records
+    its peak memory): name, loss per step, throughput, peak memory."""
     runs = []
     for folder in map(Path, train_dirs):
         info = folder / "training.json"
@@ -44,7 +43,6 @@ def training_runs(train_dirs: list[str], results: Path) -> list[dict]:
         model, recipe = t["model"], t["recipe"]
         steps = [(h["step"], h["loss"]) for h in t.get("log_history", []) if "loss" in h]
         evals = [(h["step"], h["eval_loss"]) for h in t.get("log_history", []) if "eval_loss" in h]
-        bench = results / "benchmarks" / model / recipe / "train.tsv"
         runs.append({
             "name": f"{model}/{recipe}",
             "stage": t.get("stage"),
@@ -56,43 +54,24 @@ def training_runs(train_dirs: list[str], results: Path) -> list[dict]:
             "final_loss": t.get("final_loss"),
             "tokens_per_s": t.get("tokens_per_s"),
             "seconds": t.get("wall_seconds"),
-            "max_rss_mb": benchmark_rss(bench),
+            "max_rss_mb": t.get("peak_rss_mb"),  # None in records written before it was recorded
         })
     return sorted(runs, key=lambda r: r["name"])
 
 
-def benchmark_rss(path: Path) -> float | None:
-    """Peak resident memory (MB) from a Snakemake benchmark TSV, or None if it has none."""
-    if not path.is_file():
-        return None
-    with open(path) as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t"))
-    values = [float(r["max_rss"]) for r in rows if r.get("max_rss") not in (None, "", "NA", "-")]
-    return max(values) if values else None
-
-
-def serving_runs(results: Path) -> list[dict]:
-    """One record per serving benchmark under ``results`` (``<model>/<variant>/serving/<engine>.json``
-    of the serving_bench rule, or any ``serving*.json``): output tokens/s at each concurrency."""
+def serving_runs(paths: list[str]) -> list[dict]:
+    """One record per serving benchmark JSON (serving_bench's, which names its model, variant and
+    engine and measures its own peak memory): output tokens/s at each concurrency."""
     runs = []
-    found = set(results.glob("*/**/serving/*.json")) | set(results.rglob("serving*.json"))
-    for path in sorted(p for p in found if "benchmarks" not in p.relative_to(results).parts[:1]):
-        try:
-            rec = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            continue
-        levels = rec.get("levels") or []
-        if not levels:
-            continue
-        rel = path.relative_to(results)
-        bench = results / "benchmarks" / rel.with_suffix(".tsv")
+    for path in sorted(paths):
+        rec = json.loads(Path(path).read_text())
+        levels = rec["levels"]
         runs.append({
-            "name": (f"{'/'.join(rel.parts[:-2])} ({path.stem})" if len(rel.parts) > 2 and rel.parts[-2] == "serving"
-                     else str(rel.with_suffix(""))),
-            "engine": rec.get("engine"),
-            "concurrency": [lvl.get("concurrency") for lvl in levels],
-            "output_tokens_per_s": [lvl.get("output_tokens_per_s") for lvl in levels],
-            "max_rss_mb": benchmark_rss(bench),
+            "name": f"{rec['model']}/{rec['variant']} ({rec['engine']})",
+            "engine": rec["engine"],
+            "concurrency": [lvl["concurrency"] for lvl in levels],
+            "output_tokens_per_s": [lvl["output_tokens_per_s"] for lvl in levels],
+            "max_rss_mb": rec["peak_rss_mb"],
         })
     return runs
 
@@ -233,13 +212,12 @@ def score_table(rows: list[dict], summary_md: str | None, failed: list[dict] = (
             f"</style></head><body>\n<table>\n<tr>{th}</tr>\n{trs}</table>\n{failures}</body></html>\n")
 
 
-def make_plots(summary_json: str, train_dirs: list[str], out: str, results: str = "results",
-               summary_md: str | None = None) -> dict:
-    results_dir = Path(results)
+def make_plots(summary_json: str, train_dirs: list[str], out: str, summary_md: str | None = None,
+               serving_jsons: list[str] = ()) -> dict:
     summary = json.loads(Path(summary_json).read_text())
     rows, failed = summary["rows"], summary.get("failed", [])
-    train = training_runs(train_dirs, results_dir)
-    serving = serving_runs(results_dir)
+    train = training_runs(train_dirs)
+    serving = serving_runs(serving_jsons)
     md = Path(summary_md).read_text() if summary_md and Path(summary_md).is_file() else None
     numbers = {
         "eval": [{k: r[k] for k in ("model", "variant", "bench", "metric", "score", "n", "size_mb")} for r in rows],
@@ -265,13 +243,13 @@ def main(argv=None):
     ap.add_argument("--summary", required=True, help="results/summary.json")
     ap.add_argument("--summary-md", help="results/summary.md (the table cells are copied from it)")
     ap.add_argument("--train", nargs="*", default=[], help="training output folders (with training.json)")
-    ap.add_argument("--results", default="results", help="results folder (benchmarks/, serving*.json)")
+    ap.add_argument("--serving", nargs="*", default=[], help="serving benchmark JSON files (serving_bench's)")
     ap.add_argument("--out", required=True, help="output folder for the figures")
     args = ap.parse_args(argv)
     from snaketune.tracking import step_run
 
     with step_run("plots", {"train_runs": len(args.train)}) as run:
-        numbers = make_plots(args.summary, args.train, args.out, args.results, args.summary_md)
+        numbers = make_plots(args.summary, args.train, args.out, args.summary_md, args.serving)
         for name in ("loss.png", "eval_scores.png", "throughput_memory.png"):
             run.log_artifact(Path(args.out) / name, "plots")
     print(f"plots: {len(numbers['training'])} training runs, {len(numbers['eval'])} eval scores, "

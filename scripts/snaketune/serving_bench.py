@@ -32,8 +32,10 @@ from pathlib import Path
 
 from snaketune.atomic import write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune.files import record_names
 from snaketune.schema import resolve
 from snaketune.serve import ServerProcess, terminate_as_exit
+from snaketune.tracking import peak_rss_mb
 from snaketune.vision import is_vision
 
 # what the serving keys without a schema default mean when unset; the other defaults are the schema's
@@ -207,7 +209,7 @@ def benchmark(model_dir: str, params: dict) -> dict:
     server = ServerProcess(model_dir, cfg)
     record = {
         "schema_version": SCHEMA_VERSION,
-        "model": str(Path(model_dir).resolve()),
+        "model_path": str(Path(model_dir).resolve()),
         "engine": cfg["engine"],
         "config": {k: cfg[k] for k in CONFIG_KEYS},
         "images_per_request": 1 if images else 0,
@@ -229,6 +231,7 @@ def benchmark(model_dir: str, params: dict) -> dict:
                 server.stop()
         left = server.alive_pids()
         record["server"]["stopped"] = not left
+        record["peak_rss_mb"] = peak_rss_mb(children=True)  # the server is this step's child
         if left:
             raise SnaketuneError(f"server processes {left} survived SIGKILL; stop them by hand")
     finally:
@@ -246,6 +249,8 @@ def main(argv=None):
     ap.add_argument("--model", required=True, help="HF model folder to serve")
     ap.add_argument("--params", required=True, help="JSON: the serving-bench block (engine, concurrency, ...)")
     ap.add_argument("--out", required=True, help="output JSON file")
+    ap.add_argument("--model-name", help="the config's model key (recorded in the JSON)")
+    ap.add_argument("--variant", help="base, a recipe or <base|recipe>/<quantize name> (recorded in the JSON)")
     args = ap.parse_args(argv)
     params = json.loads(args.params)
     if not (Path(args.model) / "config.json").is_file():
@@ -253,7 +258,7 @@ def main(argv=None):
     from snaketune.tracking import step_run
 
     with step_run("serving_bench", params) as run:
-        record = benchmark(args.model, params)
+        record = {**record_names(args.model_name, args.variant), **benchmark(args.model, params)}
         for lvl in record["levels"]:
             c = lvl["concurrency"]
             run.log_metrics({f"c{c}.requests_per_s": lvl["requests_per_s"] or 0,

@@ -41,11 +41,11 @@ def row_for(eval_path: str) -> dict:
     }
 
 
-def serving_for(path: str) -> tuple[str, dict]:
-    """(served model folder, figures at the highest concurrency) from a serving benchmark JSON."""
+def serving_for(path: str) -> tuple[tuple[str, str], dict]:
+    """((model, variant) it served, figures at the highest concurrency) from a serving benchmark JSON."""
     record = json.loads(Path(path).read_text())
     top = max(record["levels"], key=lambda level: level["concurrency"])
-    return str(Path(record["model"]).resolve()), {
+    return (record["model"], record["variant"]), {
         "engine": record["engine"],
         "concurrency": top["concurrency"],
         "output_tokens_per_s": top["output_tokens_per_s"],
@@ -122,7 +122,7 @@ def main(argv=None):
     failed = [failed_cell(c) for c in json.loads(args.failed)]
     serving = dict(serving_for(p) for p in args.serving)
     for r in rows:
-        r["serving"] = serving.get(str(Path(r["model_path"]).resolve()))
+        r["serving"] = serving.get((r["model"], r["variant"]))
     with step_run("summary", {"evals": len(rows), "failed": len(failed)}) as run:
         write_json(args.out_json, {"rows": rows, "failed": failed})
         table = markdown(rows, failed)

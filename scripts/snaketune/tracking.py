@@ -58,6 +58,15 @@ def run_name(step: str, job: str | None, several_models: bool = False) -> str:
     return " · ".join([name, *suffix])
 
 
+def peak_rss_mb(children: bool = False) -> float:
+    """This process's peak resident memory in MB (with ``children``: or its largest waited-for child's,
+    a server it ran, if larger), as the step's own record of what it needed."""
+    import resource
+
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) if children else (resource.RUSAGE_SELF,)
+    return round(max(resource.getrusage(w).ru_maxrss for w in who) / 1024, 1)
+
+
 def error_line(exc: BaseException) -> str:
     """What a failed run records: the exception's type and the first line of its message."""
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]

@@ -32,6 +32,7 @@ from snaketune.errors import SnaketuneError, cli
 from snaketune.files import read_jsonl, record_names, sha256_file
 from snaketune.registry import FULL_TYPES, LORA_TYPES
 from snaketune.schema import resolve
+from snaketune.tracking import peak_rss_mb
 
 LABELS_VERSION = 3  # of tokenize_sft's label policy; part of the tokenized-cache key
 BASE_REWRITING = ("pissa", "olora")  # their init rewrites the base weights (see keep_initial_adapter)
@@ -793,6 +794,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "wall_seconds": wall,  # the whole trainer.train(): warm-up, steps, checkpoint saves
         **progress.timing(),  # tokens_per_s: steady state, after the warm-up steps, before any save
         "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_rss_mb": peak_rss_mb(),  # this process (rank 0)
         "trainable_params": trainable,
         "total_params": total,
         "dtype": dtype_name,

@@ -54,9 +54,18 @@ def _config_problems(schema_path):
     schema = yaml.safe_load(open(schema_path))
     validator = jsonschema.validators.validator_for(schema)(schema)
     lines = []
+    recipe_keys = schema["properties"]["recipes"]["additionalProperties"]["properties"]
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
         where = ".".join(map(str, err.absolute_path)) or "<top level>"
-        lines.append(f"{where}: {err.message}")
+        hint = ""
+        if err.validator == "additionalProperties" and list(err.absolute_path)[:1] == ["recipes"] \
+                and len(err.absolute_path) == 2 and isinstance(err.instance, dict):
+            stage = err.instance.get("stage")
+            moved = sorted(set(err.instance) & set(recipe_keys.get(stage, {}).get("properties", {})))
+            if moved:  # a stage's own keys at the recipe's top level, as before they had a block
+                hint = (f" ({', '.join(moved)}: stage {stage}'s own keys go in its block, "
+                        f"`{stage}: {{{moved[0]}: {err.instance[moved[0]]!r}}}`; docs/align.md)")
+        lines.append(f"{where}: {err.message}{hint}")
     return lines
 
 
@@ -163,6 +172,11 @@ def _check_references():
             if dataset not in config["datasets"]:
                 problems.append(f"recipes.{name}.dataset: {dataset!r} is not a key of datasets")
         problems += _data_problems(name, recipe)
+        for stage in STAGES:
+            if stage in recipe and stage != recipe["stage"]:
+                problems.append(f"recipes.{name}.{stage}: a {stage}: block in a stage {recipe['stage']!r} recipe "
+                                f"would do nothing: move its keys into a `{recipe['stage']}:` block (keys: "
+                                "docs/align.md) or drop it")
         if recipe["from"] != "base" and recipe["from"] not in config["recipes"]:
             problems.append(f"recipes.{name}.from: {recipe['from']!r} is neither 'base' nor a recipe")
         for rm in reward_models(name):

@@ -42,7 +42,7 @@ def summarize_what_exists():
             plots, train = jobs["plots"], [f for f in TRAIN_OUTPUTS if os.path.exists(f)]
             shell(
                 "SNAKETUNE_JOB={plots.params.job:q} python -m snaketune.report --summary {summary.output.json}"
-                " --summary-md {summary.output.md} --train {train} --results {plots.params.results}"
+                " --summary-md {summary.output.md} --train {train} --serving {serving}"
                 " --out {plots.params.out} > {plots.log} 2>&1"
             )
     except subprocess.CalledProcessError:

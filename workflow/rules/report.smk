@@ -28,6 +28,7 @@ rule plots:
         summary=f"{RESULTS}/summary.json",
         summary_md=f"{RESULTS}/summary.md",
         train=TRAIN_OUTPUTS,
+        serving=serving_targets(),
     output:
         loss=report(f"{REPORT_DIR}/loss.png", caption="../report/loss.rst", category="Training"),
         scores=report(f"{REPORT_DIR}/eval_scores.png", caption="../report/eval_scores.rst", category="Evaluation"),
@@ -38,7 +39,6 @@ rule plots:
         numbers=f"{REPORT_DIR}/numbers.json",
     params:
         job=job_label("plots"),
-        results=lambda wc, input: os.path.dirname(input.summary),
         out=lambda wc, output: os.path.dirname(output.numbers),
     resources:
         **job_resources("cpu", "plots"),
@@ -50,7 +50,7 @@ rule plots:
         "../../envs/snaketune.yaml"
     shell:
         "SNAKETUNE_JOB={params.job:q} python -m snaketune.report --summary {input.summary}"
-        " --summary-md {input.summary_md} --train {input.train} --results {params.results}"
+        " --summary-md {input.summary_md} --train {input.train} --serving {input.serving}"
         " --out {params.out} > {log} 2>&1"
 
 

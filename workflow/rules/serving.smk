@@ -20,4 +20,4 @@ rule serving_bench:
     shell:
         "SNAKETUNE_JOB={params.job:q} python -m snaketune.launch --gpus {resources.gpu}"
         " -- python -m snaketune.serving_bench --model {input.model} --params {params.spec:q}"
-        " --out {output} > {log} 2>&1"
+        " --model-name {wildcards.model} --variant {wildcards.variant} --out {output} > {log} 2>&1"
