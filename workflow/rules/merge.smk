@@ -1,3 +1,7 @@
+# Adapters that merge into a model folder (a reward model's adapter scores, it is not merged).
+MERGEABLE_RECIPES = [r for r, recipe in config["recipes"].items() if is_adapter(r) and recipe["stage"] != "rm"]
+
+
 rule merge_adapter:
     input:
         base=merge_base,
