@@ -33,16 +33,16 @@ ALSO_READ = {("serve", "params"): "serving"}
 ADDED_BY_RULES = {"benches.name": "evaluate.smk: the bench's key (the eval record's bench)"}
 # Keys of the steps' blocks that no step reads in Python, each with who reads it.
 READ_ELSEWHERE = {
-    "recipes.from": "common.smk: the model a recipe starts from (train_input, merge_base)",
-    "recipes.dataset": "common.smk: the dataset folders a recipe trains on (recipe_datasets)",
-    "recipes.resources": "common.smk: job_resources; likewise models/quantize/benches.resources",
-    "models.resources": "common.smk: job_resources",
-    "quantize.resources": "common.smk: job_resources",
-    "benches.resources": "common.smk: job_resources",
+    "recipes.from": "paths.smk: the model a recipe starts from (train_input, merge_base)",
+    "recipes.dataset": "config.smk: the dataset folders a recipe trains on (recipe_datasets)",
+    "recipes.resources": "jobs.smk: job_resources; likewise models/quantize/benches.resources",
+    "models.resources": "jobs.smk: job_resources",
+    "quantize.resources": "jobs.smk: job_resources",
+    "benches.resources": "jobs.smk: job_resources",
     "benches.engine": "evaluate.smk: which module evaluates (EVAL_MODULES)",
-    "benches.dataset": "common.smk: the dataset folder a bench reads (bench_data)",
-    "quantize.dataset": "common.smk: the calibration dataset folder (quant_dataset)",
-    "serving.variants": "common.smk: serving_targets",
+    "benches.dataset": "paths.smk: the dataset folder a bench reads (bench_data)",
+    "quantize.dataset": "config.smk: the calibration dataset folder (quant_dataset)",
+    "serving.variants": "paths.smk: serving_targets",
 }
 # the align stages' own blocks (recipes.dpo, ..., recipes.grpo)
 METHOD_BLOCKS = [stage for stage in STAGES if stage in block_schema("recipes")["properties"]]

@@ -23,7 +23,7 @@ def test_schema_enums_are_the_registries_keys():
 
 
 def test_registry_imports_without_torch():
-    """common.smk imports it while Snakemake parses the workflow."""
+    """config.smk imports it while Snakemake parses the workflow."""
     code = "import sys; sys.modules['torch'] = None; import snaketune.registry"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

@@ -1,5 +1,5 @@
 """Reading what the steps wrote, one place each: sha256 of files and folders, JSON lines, folder
-sizes, and the names a record carries. Standard library only (common.smk imports it at parse time)."""
+sizes, and the names a record carries. Standard library only (jobs.smk imports it at parse time)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What each training stage, train type and quantize method is: one entry each, read by the
-workflow (common.smk, at parse time: no torch here) and by the steps. The schema's enums list
+workflow (config.smk, at parse time: no torch here) and by the steps. The schema's enums list
 these keys (tests/test_registry.py)."""
 
 from __future__ import annotations

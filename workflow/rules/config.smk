@@ -1,18 +1,14 @@
-"""Config validation, path helpers and input functions shared by the rules."""
+"""The study's config: loaded (config.yaml, or the --configfile study alone), validated against
+workflow/schemas/config.schema.yaml, its cross-references checked before any job, and the
+questions the other rule files ask of it."""
 
-import json
 import os
-import shlex
-import subprocess
-import sys
-from types import SimpleNamespace
 
-from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
-from snaketune.data import image_files, kinds
-from snaketune.files import folder_size
+from snaketune.data import kinds
 from snaketune.registry import LORA_TYPES, METHODS, STAGES
+
 
 min_version("9.0")
 
@@ -79,41 +75,33 @@ except WorkflowError:
         + "\nFix these keys (README.md lists every key and its meaning)."
     ) from None
 
-RESULTS = "results"
-CACHE = f"{RESULTS}/cache/tokenized"
-
-
-def _git_commit():
-    try:
-        out = subprocess.run(["git", "-C", workflow.basedir, "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-GIT_COMMIT = _git_commit()
-
-# Where every step logs (read by snaketune.tracking); per-job tags come from each rule's params,
-# run names from them and the model count (the model is named only when there are several).
-# A shell prefix, not a rule param, so a new commit or study name reruns nothing.
-TRACKING = json.dumps(
-    {"uri": config["tracking"]["uri"], "experiment": config["study"],
-     "tags": {"git.commit": GIT_COMMIT, "study": config["study"]}, "models": len(config["models"])}
-)
-_QUOTED = shlex.quote(TRACKING).replace("{", "{{").replace("}", "}}")
-# Rules call `python`: without --use-conda that must be the interpreter Snakemake runs under (the
-# venv with snaketune), also when the venv is not activated (`.venv/bin/snakemake`); with
-# --use-conda the rule's env provides it, so PATH is left alone.
-_USES_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-_PATH = "" if _USES_CONDA else f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
-shell.prefix(f"{_PATH}export SNAKETUNE_TRACKING={_QUOTED}; ")
-
 
 def recipe_datasets(recipe):
     """The dataset keys a recipe trains on (one, or a mix)."""
     names = config["recipes"][recipe]["dataset"]
     return [names] if isinstance(names, str) else names
+
+
+def is_adapter(recipe):
+    return config["recipes"][recipe]["train_type"] in LORA_TYPES
+
+
+def reward_models(recipe):
+    """The rm recipes a grpo recipe's rewards name."""
+    rewards = config["recipes"][recipe].get("grpo", {}).get("rewards", [])
+    return [r["recipe"] for r in rewards if r.get("name") == "reward_model" and r.get("recipe")]
+
+
+def user_code(recipe):
+    """The .py files a grpo recipe's user rewards and tools come from (inputs: an edit reruns it)."""
+    grpo = config["recipes"][recipe].get("grpo", {})
+    specs = [r["name"] for r in grpo.get("rewards", [])] + grpo.get("tools", [])
+    return sorted({s.rpartition(":")[0] for s in specs if ".py:" in s})
+
+
+def quant_dataset(name):
+    """The dataset a quantize block calibrates on: its own, else the first of the config."""
+    return config["quantize"][name].get("dataset") or next(iter(config["datasets"]))
 
 
 def _from_cycles():
@@ -225,207 +213,6 @@ def _check_references():
                 problems.append(f"{key}: {variant!r}: {quant!r} is not a key of quantize")
     if problems:
         raise WorkflowError("config.yaml has problems:\n  " + "\n  ".join(problems))
-
-
-def _alternatives(names):
-    return "|".join(sorted(names)) or "^$"
-
-
-wildcard_constraints:
-    model=_alternatives(config["models"]),
-    dataset=_alternatives(config["datasets"]),
-    recipe=_alternatives(config["recipes"]),
-    quant=_alternatives(config.get("quantize", {})),
-    bench=_alternatives(config["benches"]),
-    stem=_alternatives(["base", *config["recipes"]]),
-
-
-def is_adapter(recipe):
-    return config["recipes"][recipe]["train_type"] in LORA_TYPES
-
-
-def model_dir(model, stem):
-    """HF model folder of a variant stem: base, or a recipe (merged when it is an adapter)."""
-    return f"{RESULTS}/{model}/{stem}/model"
-
-
-def reward_models(recipe):
-    """The rm recipes a grpo recipe's rewards name."""
-    rewards = config["recipes"][recipe].get("grpo", {}).get("rewards", [])
-    return [r["recipe"] for r in rewards if r.get("name") == "reward_model" and r.get("recipe")]
-
-
-def rm_dir(model, recipe):
-    """An rm recipe's output: a model folder (full) or a sequence-classification adapter."""
-    return f"{RESULTS}/{model}/{recipe}/{'adapter' if is_adapter(recipe) else 'model'}"
-
-
-def user_code(recipe):
-    """The .py files a grpo recipe's user rewards and tools come from (inputs: an edit reruns it)."""
-    grpo = config["recipes"][recipe].get("grpo", {})
-    specs = [r["name"] for r in grpo.get("rewards", [])] + grpo.get("tools", [])
-    return sorted({s.rpartition(":")[0] for s in specs if ".py:" in s})
-
-
-def train_input(wildcards):
-    recipe = config["recipes"][wildcards.recipe]
-    return {
-        "base": model_dir(wildcards.model, recipe["from"]),
-        "data": [f"{RESULTS}/datasets/{d}" for d in recipe_datasets(wildcards.recipe)],
-        "reward_models": [rm_dir(wildcards.model, r) for r in reward_models(wildcards.recipe)],
-        "code": user_code(wildcards.recipe),
-    }
-
-
-def train_spec(wildcards):
-    """The recipe block for the train/align step; reward_model rewards get their rm folder path."""
-    recipe = with_seed(config["recipes"][wildcards.recipe])
-    if "grpo" in recipe:
-        rewards = [
-            {**r, "path": rm_dir(wildcards.model, r["recipe"])} if r.get("recipe") else r
-            for r in recipe["grpo"].get("rewards", [])
-        ]
-        recipe = {**recipe, "grpo": {**recipe["grpo"], "rewards": rewards}}
-    return params_json(recipe)
-
-
-def merge_base(wildcards):
-    return model_dir(wildcards.model, config["recipes"][wildcards.recipe]["from"])
-
-
-def eval_model(wildcards):
-    stem, _, quant = wildcards.variant.partition("/")
-    return f"{RESULTS}/{wildcards.model}/{stem}/{quant}/model" if quant else model_dir(wildcards.model, stem)
-
-
-def artifact_targets():
-    """The model folder of every evaluated variant (and the adapter of each adapter recipe): targets
-    of `all`, so an artifact that is gone (a failed forced rerun deletes its job's output) is
-    rebuilt even when the eval JSON made from it is still there."""
-    models = config["evaluation"].get("models") or list(config["models"])
-    targets = set()
-    for m in models:
-        for variant in config["evaluation"]["variants"]:
-            stem = variant.partition("/")[0]
-            targets.add(eval_model(SimpleNamespace(model=m, variant=variant)))
-            if stem != "base" and is_adapter(stem):
-                targets.add(f"{RESULTS}/{m}/{stem}/adapter")
-    return sorted(targets)
-
-
-def bench_data(wildcards):
-    return f"{RESULTS}/datasets/{config['benches'][wildcards.bench]['dataset']}"
-
-
-def quant_dataset(name):
-    """The dataset a quantize block calibrates on: its own, else the first of the config."""
-    return config["quantize"][name].get("dataset") or next(iter(config["datasets"]))
-
-
-def quant_data(wildcards):
-    return f"{RESULTS}/datasets/{quant_dataset(wildcards.quant)}"
-
-
-def _files(path):
-    """Inputs for a user path: the file itself, or every file of a folder (its mtime misses edits)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return sorted(str(f) for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
-    return [str(path)]
-
-
-def dataset_files(wildcards):
-    """A local dataset's files (path, test_path, and the images their rows name): inputs of the data
-    rule, so editing one reruns it."""
-    block = config["datasets"][wildcards.dataset]
-    if block["source"] != "local":
-        return []
-    files = [f for key in ("path", "test_path") if block.get(key) for f in _files(block[key])]
-    return files + [i for f in files for i in image_files(f)]
-
-
-def model_files(wildcards):
-    """A local model folder's files or GGUF file: inputs of the fetch rule, so replacing the weights
-    reruns it (a GGUF inside a Python package is pinned by its sha256 in source.json instead)."""
-    block = config["models"][wildcards.model]
-    return _files(block["path"]) if block["source"] in ("local", "gguf") and block.get("path") else []
-
-
-def with_seed(block):
-    """A step's config block with the study seed filled in where it has none."""
-    return {"seed": config["seed"], **block}
-
-
-def params_json(block):
-    return json.dumps(block, sort_keys=True)
-
-
-def job_label(rule):
-    """Param naming the job for MLflow tags: rule[wildcard=value,...] (stable, so no reruns)."""
-    return lambda wc: f"{rule}[{','.join(f'{k}={v}' for k, v in wc.items())}]"
-
-
-RESOURCE_DEFAULTS = {
-    "gpu": {"gpu": 1, "nodes": 1, "mem_mb": 16000, "runtime": 120},
-    "cpu": {"gpu": 0, "mem_mb": 4000, "runtime": 60},
-}
-
-
-def _optional_keys():
-    """Resource keys some config block sets beyond the ones every job has (e.g. gpu_model)."""
-    blocks = [config["resources"].get(k, {}) for k in ("gpu", "cpu")]
-    blocks += list(config["resources"].get("steps", {}).values())
-    for section in ("models", "recipes", "quantize", "benches"):
-        blocks += [b.get("resources", {}) for b in config.get(section, {}).values()]
-    return sorted({k for b in blocks for k in b} - {"gpu", "nodes", "mem_mb", "runtime", "threads"})
-
-
-def job_resources(kind, rule, section=None, wildcard=None, model_input=None):
-    """Per-job resources: the job's config block (``<section>.<name>.resources``) >
-    ``resources.steps.<rule>`` > ``resources.<kind>`` > defaults.
-
-    ``kind`` is "gpu" for steps that want an accelerator (train, quantize, evaluate) and "cpu"
-    otherwise; ``section``/``wildcard`` name the config block of the job (e.g. recipes/recipe).
-    With ``model_input`` (the input holding a model folder) and no ``mem_mb`` set for the step,
-    memory is sized from the model: three times its files (weights loaded, merged copy, save
-    buffers) plus 2 GB.
-    """
-
-    def resolve(wildcards, input):
-        step = config["resources"].get("steps", {}).get(rule, {})
-        block = config[section][wildcards[wildcard]].get("resources", {}) if section else {}
-        merged = {**RESOURCE_DEFAULTS[kind], **config["resources"].get(kind, {}), **step, **block}
-        if model_input and "mem_mb" not in step and "mem_mb" not in block:
-            merged["mem_mb"] = max(merged["mem_mb"], int(3 * (folder_size(input[model_input]) / 1e6)) + 2000)
-        if not merged["gpu"]:
-            merged.pop("gpu_model", None)  # the Slurm plugin would ask for --gpus=<model>:0
-        return merged
-
-    keys = [*RESOURCE_DEFAULTS[kind], *_optional_keys()]
-    return {key: (lambda wildcards, input, key=key: resolve(wildcards, input).get(key, "")) for key in keys}
-
-
-EVAL_MODULES = {"transformers": "evaluate", "evalscope": "evalscope_eval"}
-
-
-def eval_targets():
-    models = config["evaluation"].get("models") or list(config["models"])
-    return [
-        f"{RESULTS}/{m}/{v}/eval/{b}.json"
-        for m in models
-        for v in config["evaluation"]["variants"]
-        for b in config["evaluation"]["benches"]
-    ]
-
-
-def serving_targets():
-    serving = config.get("serving", {})
-    models = config["evaluation"].get("models") or list(config["models"])
-    return [
-        f"{RESULTS}/{m}/{v}/serving/{serving['engine']}.json"
-        for m in models
-        for v in serving.get("variants", [])
-    ]
 
 
 _check_references()
