@@ -81,7 +81,7 @@ def test_seeds_and_switch_reach_the_steps(two_runs):
     log = (a / f"results/{MODEL}/sft-lora/adapter/training.json")
     assert log.is_file()
     from snaketune.schema import resolve
-    from snaketune.train import trainer_args
+    from snaketune.training import trainer_args
 
     def determinism(cuda, **keys):
         recipe = resolve("recipes", {"stage": "sft", "train_type": "lora", "dataset": "d", **keys})

@@ -76,7 +76,7 @@ def test_cuda_batches_are_copied_without_blocking(tmp_path):
     from transformers import TrainingArguments
 
     from snaketune.schema import resolve
-    from snaketune.train import trainer_args
+    from snaketune.training import trainer_args
 
     recipe = resolve("recipes", {"stage": "sft", "train_type": "full"})
     on_gpu = trainer_args(recipe, tmp_path, True, "bf16", 10)

@@ -15,11 +15,12 @@ PACKAGE = ROOT / "scripts" / "snaketune"
 
 # (module, variable) -> the config block that variable holds in that module (snaketune.schema.block_schema)
 BLOCKS = {
-    ("train", "recipe"): "recipes", ("align", "recipe"): "recipes", ("kernels", "recipe"): "recipes",
+    ("train", "recipe"): "recipes", ("training", "recipe"): "recipes", ("align", "recipe"): "recipes",
+    ("kernels", "recipe"): "recipes",
     ("vision", "recipe"): "recipes",
-    ("train", "lora"): "recipes.lora", ("align", "lora"): "recipes.lora",
-    ("train", "q"): "recipes.quantization", ("train", "spec"): "recipes.freeze",
-    ("train", "dist"): "recipes.distributed", ("align", "g"): "recipes.grpo", ("align", "grpo"): "recipes.grpo",
+    ("training", "lora"): "recipes.lora", ("align", "lora"): "recipes.lora",
+    ("training", "q"): "recipes.quantization", ("training", "spec"): "recipes.freeze",
+    ("training", "dist"): "recipes.distributed", ("align", "g"): "recipes.grpo", ("align", "grpo"): "recipes.grpo",
     ("model", "params"): "models", ("data", "params"): "datasets", ("quantize", "params"): "quantize",
     ("quantize", "cal"): "quantize.calibration",
     ("evaluate", "params"): "benches", ("evalscope_eval", "params"): "benches",

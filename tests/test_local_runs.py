@@ -89,7 +89,7 @@ def test_optimizer_keys_reach_the_trainer(tmp_path):
     from transformers import TrainingArguments
 
     from snaketune.schema import resolve
-    from snaketune.train import trainer_args
+    from snaketune.training import trainer_args
 
     recipe = resolve("recipes", {"learning_rate": 1e-4, "optim": "adamw_torch_fused", "adam_beta1": 0.8,
                                  "adam_beta2": 0.95, "adam_epsilon": 1e-6})

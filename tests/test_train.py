@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from snaketune.train import EXIT_REQUEUE, tokenize_dataset, tokenize_pt, tokenize_sft, train
+from snaketune.train import tokenize_dataset, tokenize_pt, tokenize_sft, train
+from snaketune.training import EXIT_REQUEUE
 from snaketune.errors import SnaketuneError
 from snaketune.schema import resolve
 
@@ -229,7 +230,7 @@ def test_qlora_merges_into_the_weights_it_was_trained_on(bits, tiny_model, tiny_
     from transformers import AutoModelForCausalLM
 
     import snaketune.merge as merge_step
-    from snaketune.train import qlora_config
+    from snaketune.training import qlora_config
 
     recipe = {**RECIPE, "train_type": "qlora", "quantization": {"bits": bits}, "max_steps": 6, "logging_steps": 2}
     summary = train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "adapter"), str(tmp_path / "ckpt"))
@@ -290,7 +291,7 @@ def test_tokenized_data_is_cached_by_content(tiny_model, tiny_data, tmp_path, ca
 
 
 def test_distributed_strategies_map_to_trainer_arguments():
-    import snaketune.train as train_module
+    import snaketune.training as train_module
 
     def distributed_args(recipe, cuda):
         return train_module.distributed_args(resolve("recipes", recipe), cuda)
@@ -335,7 +336,7 @@ def test_training_json_reports_steady_state_tokens_per_s(tiny_model, tiny_data, 
     from transformers import Trainer
 
     from snaketune.tracking import MemoryRun
-    from snaketune.train import WARMUP_STEPS
+    from snaketune.training import WARMUP_STEPS
 
     step, save = Trainer.training_step, Trainer._save_checkpoint
 
@@ -405,7 +406,7 @@ def test_fsdp2_single_process_matches_plain_training(tiny_model, tiny_data, tmp_
 def test_full_recipes_keep_fp32_master_weights_unless_told_otherwise(master, expected, tiny_model):
     import torch
 
-    from snaketune.train import load_model
+    from snaketune.training import load_model
 
     recipe = {**RECIPE, "train_type": "full", "dtype": "bf16", "master_weights": master}
     model = load_model(str(tiny_model), resolve("recipes", recipe), torch.bfloat16, cuda=False)
@@ -423,7 +424,7 @@ def test_base_rewriting_adapters_are_saved_as_plain_lora_on_the_original_base(tr
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from snaketune.train import wrap_model
+    from snaketune.training import wrap_model
 
     recipe = {**RECIPE, "train_type": train_type, "lora": {"r": 4, "alpha": 8}}
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"

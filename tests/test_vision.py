@@ -218,7 +218,7 @@ def test_freeze_keys_choose_what_trains(vl_model):
     from transformers import AutoModelForImageTextToText
 
     from snaketune.schema import resolve
-    from snaketune.train import wrap_model
+    from snaketune.training import wrap_model
 
     def trainable(recipe):
         model = wrap_model(AutoModelForImageTextToText.from_pretrained(vl_model), resolve("recipes", recipe))
@@ -254,7 +254,7 @@ def test_qwen2_5_vl_trains_merges_and_evaluates(train_type, tmp_path):
         import torch
         from transformers import AutoModelForImageTextToText
 
-        from snaketune.train import qlora_config
+        from snaketune.training import qlora_config
 
         base = AutoModelForImageTextToText.from_pretrained(tmp_path / "m", quantization_config=qlora_config(
             {}, torch.float32, vision=True))

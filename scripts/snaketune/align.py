@@ -36,20 +36,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
-import os
 import sys
-import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
 from snaketune.files import read_jsonl, record_names
 from snaketune.registry import LORA_TYPES, STAGES
 from snaketune.schema import block_schema, resolve
-from snaketune.tracking import NullRun, peak_rss_mb
-from snaketune.train import (EXIT_REQUEUE, Preempted, claim_checkpoints, freeze_heap, inputs_fingerprint,
-                             tracking_resume, keep_initial_adapter, latest_checkpoint, load_model, make_callback, pick_dtype,
-                             save, saved_dtype, trainer_args, wrap_model)
+from snaketune.tracking import NullRun
+from snaketune.training import (Preempted, keep_initial_adapter, load_model, make_callback, parameter_counts,
+                                run_record, run_trainer, save, saved_dtype, start, total_steps,
+                                tracking_resume, trainer_args, wrap_model)
 
 ALIGN_STAGES = [name for name, stage in STAGES.items() if stage.step == "align"]
 # the grpo: block's variants and the keys passed on to trl's GRPOConfig/RLOOConfig (the schema's)
@@ -552,24 +549,12 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
 
     Returns the summary written to ``out/training.json``.
     """
-    import torch
-    from transformers import AutoTokenizer
-
-    recipe = resolve("recipes", recipe)
-    stage = recipe.get("stage")
+    stage = resolve("recipes", recipe).get("stage")
     if stage not in ALIGN_STAGES:
         raise SnaketuneError(f"unknown alignment stage {stage!r}: use one of {', '.join(ALIGN_STAGES)} "
                              "(pt and sft are the train step)")
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        torch.set_num_threads(recipe["threads"])
-    dtype_name, dtype = pick_dtype(recipe, cuda)
-    checkpoints = Path(checkpoints or Path(out).with_name(Path(out).name + ".checkpoints"))
-    claim_checkpoints(checkpoints, inputs_fingerprint(recipe, [base, *data]))
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    setup = start(base, data, recipe, out, checkpoints)
+    recipe, tokenizer, cuda = setup.recipe, setup.tokenizer, setup.cuda
     rows = load_rows(data, stage)
     if recipe.get("system"):  # the recipe's system prompt for conversations that have none
         for r in rows:
@@ -581,86 +566,46 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     dataset = Dataset.from_list(pretemplate(rows, tokenizer) if STAGES[stage].pretemplate else rows)
     peft_config = None
     if stage == "rm":
-        model = load_reward_backbone(base, recipe, tokenizer, dtype)
+        model = load_reward_backbone(base, recipe, tokenizer, setup.dtype)
     else:
-        model, peft_config = load_policy(base, recipe, dtype, STAGES[stage].reference)
-    initial_adapter = keep_initial_adapter(model, recipe, checkpoints)  # PiSSA/OLoRA only
+        model, peft_config = load_policy(base, recipe, setup.dtype, STAGES[stage].reference)
+    initial_adapter = keep_initial_adapter(model, recipe, setup.checkpoints)  # PiSSA/OLoRA only
 
-    batch = recipe["batch_size"]
-    accum = recipe["gradient_accumulation_steps"]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = math.ceil(len(rows) / (batch * accum * world))
-    total_steps = recipe.get("max_steps") or steps_per_epoch * recipe["epochs"]
-    common = _common_args(recipe, checkpoints, cuda, dtype_name, total_steps)
-
+    steps = total_steps(recipe, len(rows), setup.world)
+    common = _common_args(recipe, setup.checkpoints, cuda, setup.dtype_name, steps)
     preempted = Preempted()
-    progress = make_callback(AliasedRun(run), preempted, total_steps)
-    callbacks = [progress]
+    progress = make_callback(AliasedRun(run), preempted, steps)
     variant = None
     if stage == "grpo":
-        variant, trainer = make_grpo_trainer(model, tokenizer, dataset, recipe, common, callbacks, peft_config)
+        variant, trainer = make_grpo_trainer(model, tokenizer, dataset, recipe, common, [progress], peft_config)
     else:
-        trainer = make_trainer(stage, model, tokenizer, dataset, recipe, common, callbacks, peft_config)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for n, p in trainer.model.named_parameters() if ".ref." not in n)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    resume = latest_checkpoint(checkpoints)
-    if resume:
-        print(f"resuming from {resume}", flush=True)
-    print(f"aligning {stage}{'/' + variant if variant else ''}/{recipe.get('train_type', 'lora')}: "
-          f"{trainable:,} of {total:,} parameters trainable, {total_steps} steps, batch {batch}x{accum}x{world}, "
-          f"{dtype_name}, reference: {reference_kind(stage, recipe, variant)}", flush=True)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        trainer = make_trainer(stage, model, tokenizer, dataset, recipe, common, [progress], peft_config)
+    trainable, total = parameter_counts(trainer.model)
     cache_package_lookups()
-    freeze_heap()
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    if preempted.signal:
-        print(f"stopped by {preempted.signal} at step {trainer.state.global_step}; checkpoint in "
-              f"{checkpoints}; rerun to resume", file=sys.stderr, flush=True)
-        sys.exit(EXIT_REQUEUE)
-
-    history = trainer.state.log_history
-    logged = [h for h in history if "loss" in h]
-
-    def first_last(key):
-        vals = [h[key] for h in logged if key in h]
-        return (vals[0], vals[-1]) if vals else (None, None)
+    result, resume, seconds = run_trainer(
+        trainer, setup.checkpoints, preempted, cuda,
+        f"aligning {stage}{'/' + variant if variant else ''}/{recipe['train_type']}: {trainable:,} of {total:,} "
+        f"parameters trainable, {steps} steps, batch {recipe['batch_size']}x{recipe['gradient_accumulation_steps']}"
+        f"x{setup.world}, {setup.dtype_name}, reference: {reference_kind(stage, recipe, variant)}")
 
     summary = {
         **record_names(model_name, recipe_name),
         "stage": stage,
         "grpo_variant": variant,
-        "train_type": recipe.get("train_type", "lora"),
+        "train_type": recipe["train_type"],
         "reference": reference_kind(stage, recipe, variant),
         "logprob_head": logprob_head_kind(recipe, cuda) if STAGES[stage].logprob_head else None,
-        "steps": trainer.state.global_step,
-        "resumed_from": resume,
-        "train_loss": result.training_loss,
-        # a run shorter than logging_steps logs no step loss: the run's mean stands in, as in train
-        "first_loss": first_last("loss")[0] if first_last("loss")[0] is not None else result.training_loss,
-        "final_loss": first_last("loss")[1] if first_last("loss")[1] is not None else result.training_loss,
-        "wall_seconds": time.perf_counter() - t0,
-        "tokens": trainer.state.num_input_tokens_seen,
-        **progress.timing(),
-        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "peak_rss_mb": peak_rss_mb(),  # this process (rank 0)
-        "trainable_params": trainable,
-        "total_params": total,
-        "dtype": dtype_name,
+        **run_record(trainer, result, resume, seconds, progress, cuda, setup.dtype_name),
         "data": {"rows": len(rows)},
-        "log_history": history,
     }
+    logged = [h for h in trainer.state.log_history if "loss" in h]
     for key in ("rewards/margins", "rewards/accuracies", "margin", "accuracy", "reward", "kl"):
-        first, last = first_last(key)
-        if first is not None:
-            summary[f"first_{key}"], summary[f"final_{key}"] = first, last
+        values = [h[key] for h in logged if key in h]
+        if values:
+            summary[f"first_{key}"], summary[f"final_{key}"] = values[0], values[-1]
     if "ref" in getattr(trainer.model, "peft_config", {}):  # trl's frozen copy of the initial adapter
         trainer.model.delete_adapter("ref")
-    # train's: gathers shards, rank 0 renames into place; a full model in its base's dtype
+    # the full model is saved in its base's dtype; shards gathered, rank 0 renames into place
     save(trainer, tokenizer, summary, Path(out), initial_adapter, saved_dtype(base, recipe))
     return summary
 

@@ -454,7 +454,7 @@ def load_chat_model(folder: str | os.PathLike):
         training = folder / "training.json"
         quant = json.loads(training.read_text()).get("base_quantization") if training.is_file() else None
         if quant:
-            from snaketune.train import qlora_config
+            from snaketune.training import qlora_config
 
             kwargs["quantization_config"] = qlora_config(quant, torch.float32)
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), folder)

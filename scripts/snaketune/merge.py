@@ -34,7 +34,7 @@ def merge(base: str, adapter: str, out: str) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    from snaketune.train import base_dtype
+    from snaketune.training import base_dtype
     from snaketune.vision import is_vision
 
     if not (Path(adapter) / "adapter_config.json").is_file():
@@ -54,7 +54,7 @@ def merge(base: str, adapter: str, out: str) -> dict:
     if quantized:
         # QLoRA: the adapter learnt against the 4-bit weights, so it is merged into those weights
         # dequantized, and the result is checked against the model as trained (4-bit base + adapter)
-        from snaketune.train import qlora_config
+        from snaketune.training import qlora_config
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained.get("dtype"), torch.float32)
         device = "cuda" if torch.cuda.is_available() else None
