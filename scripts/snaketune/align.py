@@ -33,7 +33,6 @@ the method has them.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -45,8 +44,9 @@ from snaketune.registry import LORA_TYPES, STAGES
 from snaketune.schema import block_schema, resolve
 from snaketune.tracking import NullRun
 from snaketune.training import (Preempted, keep_initial_adapter, load_model, make_callback, parameter_counts,
-                                run_record, run_trainer, save, saved_dtype, start, total_steps,
-                                tracking_resume, trainer_args, wrap_model)
+                                run_record, run_trainer, save, saved_dtype, start,
+                                step_parser, total_steps, tracking_resume,
+                                trainer_args, wrap_model)
 
 ALIGN_STAGES = [name for name, stage in STAGES.items() if stage.step == "align"]
 # the grpo: block's variants and the keys passed on to trl's GRPOConfig/RLOOConfig (the schema's)
@@ -626,16 +626,7 @@ def reference_kind(stage: str, recipe: dict, variant: str | None) -> str:
 
 @cli
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m snaketune.align", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", required=True, help="HF model folder to start from (usually an SFT result)")
-    ap.add_argument("--data", required=True, nargs="+", help="dataset folder(s) from the data step")
-    ap.add_argument("--params", required=True, help="JSON: the recipes.<name> block of the config")
-    ap.add_argument("--out", required=True, help="output adapter (LoRA family) or model (full) folder")
-    ap.add_argument("--checkpoints", help="checkpoint folder (default: <out>.checkpoints)")
-    ap.add_argument("--cache-dir", help="accepted for the train rule's command line; unused (trl tokenizes)")
-    ap.add_argument("--model-name", help="the config's model name, recorded as model (the workflow passes it)")
-    ap.add_argument("--variant", help="the recipe's name, recorded in training.json")
+    ap = step_parser("python -m snaketune.align", __doc__, "accepted for the train rule's command line; unused (trl tokenizes)")
     args = ap.parse_args(argv)
     recipe = resolve("recipes", json.loads(args.params))
     from snaketune.tracking import step_run

@@ -14,7 +14,6 @@ code 75 so the scheduler can requeue the job.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -24,9 +23,10 @@ from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune.files import read_jsonl, record_names, sha256_file
 from snaketune.schema import resolve
-from snaketune.training import (Preempted, keep_initial_adapter, load_model, make_callback,
-                                parameter_counts, run_record, run_trainer, save, saved_dtype, start, total_steps,
-                                tracking_resume, trainer_args, wrap_model)
+from snaketune.training import (Preempted, keep_initial_adapter, load_model, make_callback, parameter_counts,
+                                run_record, run_trainer, save, saved_dtype, start,
+                                step_parser, total_steps, tracking_resume,
+                                trainer_args, wrap_model)
 
 LABELS_VERSION = 3  # of tokenize_sft's label policy; part of the tokenized-cache key
 
@@ -313,15 +313,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
 
 @cli
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m snaketune.train", description=__doc__)
-    ap.add_argument("--base", required=True, help="HF model folder to start from")
-    ap.add_argument("--data", required=True, nargs="+", help="dataset folder(s) from the data step")
-    ap.add_argument("--params", required=True, help="JSON: the recipes.<name> block of the config")
-    ap.add_argument("--out", required=True, help="output adapter (LoRA family) or model (full) folder")
-    ap.add_argument("--checkpoints", help="checkpoint folder (default: <out>.checkpoints)")
-    ap.add_argument("--cache-dir", help="tokenized-data cache folder (default: no cache)")
-    ap.add_argument("--model-name", help="the config's model name, recorded as model (the workflow passes it)")
-    ap.add_argument("--variant", help="the recipe's name, recorded in training.json")
+    ap = step_parser("python -m snaketune.train", __doc__, "tokenized-data cache folder (default: no cache)")
     args = ap.parse_args(argv)
     recipe = resolve("recipes", json.loads(args.params))
     from snaketune.tracking import step_run

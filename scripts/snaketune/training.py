@@ -10,6 +10,7 @@ read top to bottom and call into it.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import json
@@ -617,3 +618,18 @@ def run_record(trainer, result, resume: str | None, seconds: float, progress, cu
         "dtype": dtype_name,
         "log_history": trainer.state.log_history,
     }
+
+
+def step_parser(prog: str, description: str, cache_help: str) -> argparse.ArgumentParser:
+    """The command line of the train and align steps (the train rules start either the same way)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="HF model folder to start from")
+    ap.add_argument("--data", required=True, nargs="+", help="dataset folder(s) from the data step")
+    ap.add_argument("--params", required=True, help="JSON: the recipes.<name> block of the config")
+    ap.add_argument("--out", required=True, help="output adapter (LoRA family) or model (full) folder")
+    ap.add_argument("--checkpoints", help="checkpoint folder (default: <out>.checkpoints)")
+    ap.add_argument("--cache-dir", help=cache_help)
+    ap.add_argument("--model-name", help="the config's model name, recorded as model (the workflow passes it)")
+    ap.add_argument("--variant", help="the recipe's name, recorded in training.json")
+    return ap
