@@ -22,6 +22,16 @@ def test_schema_enums_are_the_registries_keys():
         list(FULL_TYPES)
 
 
+def test_bench_metrics_are_the_evaluate_steps():
+    """A bench's metric is one the evaluate step scores (METRICS, also scored on EvalScope's
+    predictions) or EvalScope's own."""
+    from snaketune.evalscope_eval import OUR_METRICS
+    from snaketune.evaluate import METRICS
+
+    bench = SCHEMA["properties"]["benches"]["additionalProperties"]["properties"]
+    assert bench["metric"]["enum"] == [*METRICS, "evalscope"] and OUR_METRICS == tuple(METRICS)
+
+
 def test_registry_imports_without_torch():
     """config.smk imports it while Snakemake parses the workflow."""
     code = "import sys; sys.modules['torch'] = None; import snaketune.registry"

@@ -45,11 +45,12 @@ import time
 from pathlib import Path
 
 from snaketune.errors import SnaketuneError, cli
+from snaketune.evaluate import METRICS
 from snaketune.files import jsonl_rows, model_hash, read_jsonl, record_names
 from snaketune.schema import resolve
 
 DEFAULT_PYTHON = ".venv-evalscope/bin/python"
-OUR_METRICS = ("exact_match", "contains")
+OUR_METRICS = tuple(METRICS)  # scored here on EvalScope's predictions, as the evaluate step scores
 SCRIPTS = str(Path(__file__).resolve().parents[1])
 
 
@@ -188,12 +189,10 @@ def run_evalscope(spec: dict, python: str, params: dict, log) -> None:
 
 def evaluate(model_dir: str, data_dir: str | None, params: dict, log=sys.stderr) -> dict:
     """Run the benchmark (a benches block) on ``model_dir`` (locally or served); returns the eval record."""
-    from snaketune.evaluate import METRICS
-
     params = resolve("benches", params)
     metric = params["metric"]
     if metric not in (*OUR_METRICS, "evalscope"):
-        raise SnaketuneError(f"unknown metric {metric!r}: use exact_match, contains or evalscope")
+        raise SnaketuneError(f"unknown metric {metric!r}: use {', '.join(OUR_METRICS)} or evalscope")
     via = params.get("via", "local")
     if via not in ("local", "server"):
         raise SnaketuneError(f"evaluation via {via!r}: use local or server")
