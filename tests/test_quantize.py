@@ -111,12 +111,13 @@ def test_quantize_reload_and_compare(method, workdir, reference):
 def test_calibration_hash_is_deterministic(workdir):
     from transformers import AutoTokenizer
 
-    from snaketune.quantize import calibration_sha256, calibration_texts
+    from snaketune.quantize import calibration_rows, calibration_sha256
 
     tok = AutoTokenizer.from_pretrained(workdir / "base")
-    a = calibration_texts(workdir / "data", tok, 8, 0)
-    b = calibration_texts(workdir / "data", tok, 8, 0)
-    c = calibration_texts(workdir / "data", tok, 8, 1)
+    render = lambda rows: [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows]  # noqa: E731
+    a = render(calibration_rows(workdir / "data", tok, 8, 0))
+    b = render(calibration_rows(workdir / "data", tok, 8, 0))
+    c = render(calibration_rows(workdir / "data", tok, 8, 1))
     assert a == b and a != c
     assert a[0].startswith("<|im_start|>user\n")
     assert calibration_sha256(a, 64) == calibration_sha256(b, 64) != calibration_sha256(c, 64)

@@ -18,7 +18,8 @@ scheme, library and version, the sha256 of the calibration set and the size on d
 
 A vision-language model (Qwen2-VL, Qwen2.5-VL) is quantized in its language model only: the vision
 tower and merger stay unquantized, as vLLM expects; its image processor config is copied along.
-Only ``fp8`` (data-free) takes one so far.
+GPTQ and AWQ calibrate it on its rows with their images (the image tokens pass through the language
+model as they will when it answers); the calibration hash covers the images' bytes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
-from snaketune.files import folder_size, jsonl_rows, record_names
+from snaketune.files import folder_size, jsonl_rows, record_names, sha256_file
 from snaketune.model import check_weights
 from snaketune.registry import METHODS
 from snaketune.vision import is_vision
@@ -44,8 +45,8 @@ NF4_CPU_BLOCK = 64  # input-width granularity of bitsandbytes' 4-bit CPU kernels
 DEFAULT_CALIBRATION = {"samples": 64, "seed": 0, "max_length": 256}
 
 
-def calibration_texts(data_dir: str | os.PathLike, tokenizer, samples: int, seed: int) -> list[str]:
-    """Draw ``samples`` chat rows from ``train.jsonl`` (seeded) and render them as text."""
+def calibration_rows(data_dir: str | os.PathLike, tokenizer, samples: int, seed: int) -> list[dict]:
+    """Draw ``samples`` chat rows from ``train.jsonl`` (seeded)."""
     path = Path(data_dir) / "train.jsonl"
     if not path.is_file():
         raise SnaketuneError(
@@ -56,7 +57,7 @@ def calibration_texts(data_dir: str | os.PathLike, tokenizer, samples: int, seed
     for lineno, row in jsonl_rows(path):
         if "messages" not in row:
             raise SnaketuneError(f"{path}:{lineno} has no 'messages': calibration needs chat rows")
-        rows.append(row["messages"])
+        rows.append(row)
     if not rows:
         raise SnaketuneError(f"{path} is empty: calibration needs at least one chat row")
     if getattr(tokenizer, "chat_template", None) is None:
@@ -64,15 +65,38 @@ def calibration_texts(data_dir: str | os.PathLike, tokenizer, samples: int, seed
             "the model's tokenizer has no chat template, so calibration rows cannot be rendered"
         )
     rng = random.Random(seed)
-    picked = rng.sample(rows, samples) if samples <= len(rows) else [rng.choice(rows) for _ in range(samples)]
-    return [tokenizer.apply_chat_template(m, tokenize=False) for m in picked]
+    return rng.sample(rows, samples) if samples <= len(rows) else [rng.choice(rows) for _ in range(samples)]
 
 
-def calibration_sha256(texts: list[str], max_length: int) -> str:
-    """Hash of exactly what calibration saw (rendered texts and the cut length)."""
+def calibration_sha256(texts: list[str], max_length: int, images: list[str] = ()) -> str:
+    """Hash of exactly what calibration saw (rendered texts, the cut length and, for a
+    vision-language model, the bytes of the rows' images)."""
     h = hashlib.sha256()
     h.update(json.dumps({"max_length": max_length, "texts": texts}, ensure_ascii=False).encode())
+    for path in images:
+        h.update(sha256_file(path).encode())
     return h.hexdigest()
+
+
+def image_calibration(model_dir: str, data_dir: str, rows: list[dict], tokenizer, max_length: int) -> dict:
+    """oneshot's dataset and collator for a vision-language model: each row tokenized with its
+    images' tokens (snaketune.vision, as training reads it), batched with their pixels."""
+    from datasets import Dataset
+
+    from snaketune import vision
+
+    images = vision.Images(model_dir)
+    encoded = [vision.tokenize_row(r, Path(data_dir), tokenizer, images, max_length) for r in rows]
+    collate = vision.Collator(images, tokenizer.pad_token_id)
+
+    def collator(batch):
+        out = collate(batch)
+        out.pop("labels")
+        return out
+
+    dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"], "images": e["images"]}
+                                 for e in encoded])
+    return dict(dataset=dataset, data_collator=collator, processor=tokenizer)
 
 
 @contextlib.contextmanager
@@ -159,8 +183,10 @@ def check_group_size(model, method: str, params: dict) -> None:
         )
 
 
-def quantize_llmc(model_dir: str, texts: list[str], method: str, params: dict, out: Path, cal: dict) -> dict:
-    """GPTQ / AWQ / FP8 through llm-compressor; saves a compressed-tensors checkpoint in ``out``."""
+def quantize_llmc(model_dir: str, data_dir: str | None, rows: list[dict], method: str, params: dict, out: Path,
+                  cal: dict) -> dict:
+    """GPTQ / AWQ / FP8 through llm-compressor (calibrated on ``rows``); saves a compressed-tensors
+    checkpoint in ``out``."""
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -178,14 +204,14 @@ def quantize_llmc(model_dir: str, texts: list[str], method: str, params: dict, o
     recipe = build_recipe(method, params)
     kwargs = {}
     if METHODS[method].calibrated:
-        enc = tokenizer(texts, truncation=True, max_length=cal["max_length"], add_special_tokens=False)
-        dataset = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-        kwargs = dict(
-            dataset=dataset,
-            num_calibration_samples=len(texts),
-            max_seq_length=cal["max_length"],
-            shuffle_calibration_samples=False,
-        )
+        kwargs = dict(num_calibration_samples=len(rows), max_seq_length=cal["max_length"],
+                      shuffle_calibration_samples=False)
+        if is_vision(model_dir):
+            kwargs.update(image_calibration(model_dir, data_dir, rows, tokenizer, cal["max_length"]))
+        else:
+            texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+            enc = tokenizer(texts, truncation=True, max_length=cal["max_length"], add_special_tokens=False)
+            kwargs["dataset"] = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     with cpu_safe_pin_memory(), torch.no_grad():
         oneshot(model=model, recipe=recipe, **kwargs)
     model.save_pretrained(out, save_compressed=True)
@@ -229,7 +255,13 @@ def quantize_bnb(model_dir: str, method: str, params: dict, out: Path) -> dict:
         qconfig = BitsAndBytesConfig(load_in_8bit=True)  # outlier threshold: LLM.int8's 6.0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qconfig, device_map=device)
+    if is_vision(model_dir):  # the language model only: vision tower, merger and head stay as they are
+        from transformers import AutoModelForImageTextToText
+
+        qconfig.llm_int8_skip_modules = ["model.visual", "visual", "lm_head"]  # prefixes (re.match)
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, quantization_config=qconfig, device_map=device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qconfig, device_map=device)
     if method == "bnb-nf4" and device == "cpu":
         # bitsandbytes' CPU inference kernels read the 4-bit weights in blocks of 64 input columns
         # and fail at the first generated token on other widths ("shape '[96, 1]' is invalid ...")
@@ -242,6 +274,8 @@ def quantize_bnb(model_dir: str, method: str, params: dict, out: Path) -> dict:
                 "Quantize this model with fp8, gptq or awq on CPU, or run bnb-nf4 on a GPU")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if is_vision(model_dir):
+        shutil.copy2(Path(model_dir) / "preprocessor_config.json", out / "preprocessor_config.json")
     return {
         "library": "bitsandbytes",
         "library_version": bitsandbytes.__version__,
@@ -264,9 +298,6 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
     if not (Path(model_dir) / "config.json").is_file():
         raise SnaketuneError(f"quantize --model {model_dir} is not an HF model folder (no config.json)")
     check_weights(model_dir, "quantize")
-    if method != "fp8" and is_vision(model_dir):
-        raise SnaketuneError(f"quantize method {method}: vision-language models ({model_dir}) are quantized with fp8 "
-                             "only so far (language model only, data-free); use method: fp8")
     # the workflow passes the study seed as params.seed; calibration.seed wins if given
     cal = {**DEFAULT_CALIBRATION, "seed": int(params.get("seed", 0)), **(params.get("calibration") or {})}
     start = time.time()
@@ -281,17 +312,20 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
         }
         if spec.grouped:
             record["group_size"] = int(params.get("group_size", 128))
-        texts = []
+        rows = []
         if spec.calibrated:
             from transformers import AutoTokenizer
 
-            texts = calibration_texts(data_dir, AutoTokenizer.from_pretrained(model_dir), cal["samples"], cal["seed"])
-            record["calibration"] = {**cal, "sha256": calibration_sha256(texts, cal["max_length"]),
-                                     "source": str(Path(data_dir, "train.jsonl").resolve())}
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            rows = calibration_rows(data_dir, tokenizer, cal["samples"], cal["seed"])
+            texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+            images = [str(Path(data_dir) / i) for r in rows for i in r.get("images", [])]
+            record["calibration"] = {**cal, "sha256": calibration_sha256(texts, cal["max_length"], images),
+                                     "images": len(images), "source": str(Path(data_dir, "train.jsonl").resolve())}
         else:
             record["calibration"] = None  # FP8_DYNAMIC is data-free; bitsandbytes rounds to nearest at load time
         if spec.library == "llmcompressor":
-            record.update(quantize_llmc(model_dir, texts, method, params, tmp, cal))
+            record.update(quantize_llmc(model_dir, data_dir, rows, method, params, tmp, cal))
         else:
             record.update(quantize_bnb(model_dir, method, params, tmp))
         record["size_bytes"] = folder_size(tmp)
