@@ -186,7 +186,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return total / denom
 
 
-def _causal_lm(model):
+def causal_lm(model):
     """The HF *ForCausalLM module inside ``model`` (unwraps peft)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not (hasattr(base, "lm_head") and hasattr(base, "model")):
@@ -368,6 +368,10 @@ def _varlen_kwargs(lm, position_ids, attention_mask, kwargs) -> dict | None:
         return None
     if attention_mask is not None:  # padded batch (or prepared masks): sdpa path, unchanged
         return None
+    if position_ids is not None and position_ids.ndim == 3:
+        # packed rows of a vision-language model ([4, B, T]: text positions over M-RoPE's): transformers
+        # builds their block-causal mask from the text positions, sdpa runs it
+        return None
     if "cu_seq_lens_q" in kwargs:
         return {}  # already given by the collator: keep mask creation skipped below
     packed = varlen_from_position_ids(position_ids)
@@ -467,7 +471,7 @@ def register_attention() -> str:
 # ---------------------------------------------------------------------------------------------
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The decoder layers of an HF causal LM (plain or peft-wrapped)."""
-    inner = _causal_lm(model).model
+    inner = causal_lm(model).model
     return list(getattr(inner, "layers", []))
 
 
@@ -497,7 +501,7 @@ def apply_speedups(model, options: dict):
     Call after peft wrapping (LoRA) and after ``gradient_checkpointing_enable``. Records what was
     done in ``model.snaketune_speedups`` (a dict). Idempotent for a given model.
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     done = dict(getattr(lm, "_snaketune_applied", {}))
     lm._snaketune_options = dict(options)
     if "forward" not in done:

@@ -264,9 +264,13 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     model = prepare_model(load_model(base, recipe, setup.dtype, cuda), recipe, cuda)
     initial_adapter = keep_initial_adapter(model, recipe, setup.checkpoints)
     speedups = kernels.resolve_options(recipe, cuda)
-    if images and speedups.get("packing"):
-        raise SnaketuneError("packing: true with image rows: padding-free batches of a vision-language model are not "
-                             "supported yet; set packing: false in the recipe")
+    if images:
+        collator = (vision.PackedCollator(images, kernels.causal_lm(model).model.get_rope_index)
+                    if speedups.get("packing") else vision.Collator(images, tokenizer.pad_token_id))
+    elif speedups.get("packing"):
+        collator = kernels.PackedCollator(tokenizer.pad_token_id)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     steps = total_steps(recipe, len(dataset), setup.world)
     # logging_nan_inf_filter=False: the filter reads the loss back every step (a host sync that
@@ -280,9 +284,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         args=args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        data_collator=vision.Collator(images, tokenizer.pad_token_id) if images
-        else kernels.PackedCollator(tokenizer.pad_token_id) if speedups.get("packing")
-        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=collator,
         callbacks=[progress],
     )
     trainable, total = parameter_counts(model)

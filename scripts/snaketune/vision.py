@@ -151,6 +151,48 @@ class Collator:
         return batch
 
 
+class PackedCollator:
+    """Concatenates rows with their images into one padding-free row (``packing: true``): each
+    row's image tokens stay with its text and its pixels join the batch in row order; each row's
+    first label is -100 (no token predicts across a boundary). ``position_ids`` is [4, 1, T]: the
+    text positions, restarting at 0 for each row (from which transformers builds the block-causal
+    mask of a packed batch), over each row's own M-RoPE positions (``rope_index``: the model's
+    ``get_rope_index``). The same loss as the padded batch of the same rows (tests/test_vision.py)."""
+
+    def __init__(self, images: Images, rope_index):
+        self.images, self.rope_index = images, rope_index
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        ids, labels, text_pos, mrope, paths = [], [], [], [], []
+        for f in features:
+            x, y = list(f["input_ids"]), list(f["labels"])
+            if not x:
+                continue
+            y[0] = -100
+            ids += x
+            labels += y
+            text_pos.append(torch.arange(len(x)))
+            row = torch.tensor([x])
+            if f["images"]:
+                grid = self.images.pixels(f["images"])["image_grid_thw"]
+                pos, _ = self.rope_index(row, mm_token_type_ids=(row == self.images.token_id).long(),
+                                         image_grid_thw=grid)
+                mrope.append(pos[:, 0])
+            else:  # a text-only row: its M-RoPE positions are its text positions
+                mrope.append(torch.arange(len(x)).expand(3, -1))
+            paths += f["images"]
+        ids_t = torch.tensor([ids])
+        position_ids = torch.cat([torch.cat(text_pos)[None], torch.cat(mrope, dim=1)])[:, None, :]
+        batch = {"input_ids": ids_t, "labels": torch.tensor([labels]), "position_ids": position_ids,
+                 "mm_token_type_ids": (ids_t == self.images.token_id).long(),
+                 "use_cache": False}  # a cache would turn off the packed-sequence mask
+        if paths:
+            batch.update(self.images.pixels(paths))
+        return batch
+
+
 def lora_targets(model, recipe: dict) -> list[str]:
     """The linear layers ``all-linear`` means for a vision-language model: the language model's,
     the vision tower's unless ``freeze_vision``, the merger's unless ``freeze_projector`` (never
