@@ -18,7 +18,7 @@ its bound, and writes benchmarks/results/robustness.json.
 
 ``--demo`` runs ``snakemake`` on config.yaml (its ``seed`` set) up to the held-out evaluation of
 base, pt and sft-lora, one Snakemake job at a time, and records the sft-lora score against the
-demo test's bound. Runs of the other kind already in the JSON are kept.
+demo test's bound. Runs already in the JSON that this call does not repeat are kept.
 """
 
 from __future__ import annotations
@@ -37,6 +37,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks/results/robustness.json"
 ORDER = ("default", "avx2", "avx512")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine_caps() -> list[str]:
@@ -118,6 +129,8 @@ def main():
     ap.add_argument("-k", dest="keyword", default="", help="pytest keyword expression (e.g. one test)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
     ap.add_argument("--demo", action="store_true", help="run the demo study itself instead of pytest -m learning")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"the JSON to update (default {OUT.relative_to(ROOT)}; "
+                    "one per machine keeps machines apart)")
     args = ap.parse_args()
     caps = args.caps or machine_caps()
     grid = [(c, m, s) for c in caps for m in args.mkl for s in args.seeds]
@@ -133,11 +146,13 @@ def main():
     kind = "demo" if args.demo else "pytest"
     for run in runs:
         run.setdefault("kind", kind)
-    kept = [r for r in json.loads(OUT.read_text())["runs"] if r.get("kind", "pytest") != kind] if OUT.is_file() else []
+    rerun = {(kind, r["capability"], r["mkl_cbwr"], r["seed"]) for r in runs}
+    kept = [r for r in json.loads(args.out.read_text())["runs"]
+            if (r.get("kind", "pytest"), r["capability"], r["mkl_cbwr"], r["seed"]) not in rerun] \
+        if args.out.is_file() else []
     runs = sorted(kept + runs, key=lambda r: (r["kind"], r["capability"], r["mkl_cbwr"], r["seed"]))
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-              "native": machine_caps()[-1], "runs": runs}
-    OUT.write_text(json.dumps(report, indent=1) + "\n")
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": cpu_model(), "native": machine_caps()[-1], "runs": runs}
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(runs))
     sys.exit(0 if all(r["passed"] for r in runs) else 1)
 
