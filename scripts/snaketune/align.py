@@ -584,7 +584,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     cache_package_lookups()
     result, resume, seconds = run_trainer(
         trainer, setup.checkpoints, preempted, cuda,
-        f"aligning {stage}{'/' + variant if variant else ''}/{recipe['train_type']}: {trainable:,} of {total:,} "
+        f"aligning {stage}{'/' + variant if variant else ''}/{recipe.get('train_type', 'lora')}: {trainable:,} of {total:,} "
         f"parameters trainable, {steps} steps, batch {recipe['batch_size']}x{recipe['gradient_accumulation_steps']}"
         f"x{setup.world}, {setup.dtype_name}, reference: {reference_kind(stage, recipe, variant)}")
 
@@ -592,7 +592,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         **record_names(model_name, recipe_name),
         "stage": stage,
         "grpo_variant": variant,
-        "train_type": recipe["train_type"],
+        "train_type": recipe.get("train_type", "lora"),
         "reference": reference_kind(stage, recipe, variant),
         "logprob_head": logprob_head_kind(recipe, cuda) if STAGES[stage].logprob_head else None,
         **run_record(trainer, result, resume, seconds, progress, cuda, setup.dtype_name),

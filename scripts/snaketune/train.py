@@ -252,7 +252,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
 
     setup = start(base, data, recipe, out, checkpoints)
     recipe, tokenizer, cuda = setup.recipe, setup.tokenizer, setup.cuda
-    stage, train_type = recipe["stage"], recipe["train_type"]
+    stage, train_type = recipe.get("stage", "sft"), recipe.get("train_type", "lora")
     images = vision.Images(base) if stage == "sft" and vision.check_model(
         base, [Path(d) / "train.jsonl" for d in data]) else None
     dataset, data_stats = tokenized(data, stage, base, tokenizer, recipe, cache_dir, images)
@@ -260,7 +260,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
           f"{data_stats['truncated']} truncated, {data_stats['dropped']} dropped", flush=True)
     eval_dataset = held_out(data, stage, base, tokenizer, recipe, cache_dir, images) if recipe.get("eval_steps") else None
 
-    torch.manual_seed(recipe["seed"])
+    torch.manual_seed(recipe.get("seed", 0))  # the workflow passes the study seed
     model = prepare_model(load_model(base, recipe, setup.dtype, cuda), recipe, cuda)
     initial_adapter = keep_initial_adapter(model, recipe, setup.checkpoints)
     speedups = kernels.resolve_options(recipe, cuda)
