@@ -60,11 +60,20 @@ def run_name(step: str, job: str | None, several_models: bool = False) -> str:
 
 def peak_rss_mb(children: bool = False) -> float:
     """This process's peak resident memory in MB (with ``children``: or its largest waited-for child's,
-    a server it ran, if larger), as the step's own record of what it needed."""
+    a server it ran, if larger), as the step's own record of what it needed. Linux's VmHWM, which
+    starts afresh at exec: getrusage's own maxrss keeps the peak of the process it was forked from."""
     import resource
 
-    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) if children else (resource.RUSAGE_SELF,)
-    return round(max(resource.getrusage(w).ru_maxrss for w in who) / 1024, 1)
+    own = None
+    try:
+        with open("/proc/self/status") as fh:
+            own = next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), None)
+    except OSError:
+        pass
+    if own is None:
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) if children else own
+    return round(peak / 1024, 1)
 
 
 def error_line(exc: BaseException) -> str:
