@@ -183,9 +183,10 @@ def check_group_size(model, method: str, params: dict) -> None:
         )
 
 
-def quantize_llmc(model_dir: str, data_dir: str | None, rows: list[dict], method: str, params: dict, out: Path,
-                  cal: dict) -> dict:
-    """GPTQ / AWQ / FP8 through llm-compressor (calibrated on ``rows``); saves a compressed-tensors
+def quantize_llmc(model_dir: str, data_dir: str | None, rows: list[dict], texts: list[str], method: str,
+                  params: dict, out: Path, cal: dict) -> dict:
+    """GPTQ / AWQ / FP8 through llm-compressor (calibrated on ``rows``, rendered as ``texts`` for a text
+    model); saves a compressed-tensors
     checkpoint in ``out``."""
     import torch
     from datasets import Dataset
@@ -209,7 +210,6 @@ def quantize_llmc(model_dir: str, data_dir: str | None, rows: list[dict], method
         if is_vision(model_dir):
             kwargs.update(image_calibration(model_dir, data_dir, rows, tokenizer, cal["max_length"]))
         else:
-            texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
             enc = tokenizer(texts, truncation=True, max_length=cal["max_length"], add_special_tokens=False)
             kwargs["dataset"] = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     with cpu_safe_pin_memory(), torch.no_grad():
@@ -312,7 +312,7 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
         }
         if spec.grouped:
             record["group_size"] = int(params.get("group_size", 128))
-        rows = []
+        rows, texts = [], []
         if spec.calibrated:
             from transformers import AutoTokenizer
 
@@ -325,7 +325,7 @@ def quantize(model_dir: str, data_dir: str | None, params: dict, out: str | os.P
         else:
             record["calibration"] = None  # FP8_DYNAMIC is data-free; bitsandbytes rounds to nearest at load time
         if spec.library == "llmcompressor":
-            record.update(quantize_llmc(model_dir, data_dir, rows, method, params, tmp, cal))
+            record.update(quantize_llmc(model_dir, data_dir, rows, texts, method, params, tmp, cal))
         else:
             record.update(quantize_bnb(model_dir, method, params, tmp))
         record["size_bytes"] = folder_size(tmp)
