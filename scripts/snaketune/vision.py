@@ -165,7 +165,7 @@ class PackedCollator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        ids, labels, text_pos, mrope, paths = [], [], [], [], []
+        ids, labels, text_pos, mrope, pixels = [], [], [], [], []
         for f in features:
             x, y = list(f["input_ids"]), list(f["labels"])
             if not x:
@@ -176,20 +176,19 @@ class PackedCollator:
             text_pos.append(torch.arange(len(x)))
             row = torch.tensor([x])
             if f["images"]:
-                grid = self.images.pixels(f["images"])["image_grid_thw"]
+                pixels.append(self.images.pixels(f["images"]))
                 pos, _ = self.rope_index(row, mm_token_type_ids=(row == self.images.token_id).long(),
-                                         image_grid_thw=grid)
+                                         image_grid_thw=pixels[-1]["image_grid_thw"])
                 mrope.append(pos[:, 0])
             else:  # a text-only row: its M-RoPE positions are its text positions
                 mrope.append(torch.arange(len(x)).expand(3, -1))
-            paths += f["images"]
         ids_t = torch.tensor([ids])
         position_ids = torch.cat([torch.cat(text_pos)[None], torch.cat(mrope, dim=1)])[:, None, :]
         batch = {"input_ids": ids_t, "labels": torch.tensor([labels]), "position_ids": position_ids,
                  "mm_token_type_ids": (ids_t == self.images.token_id).long(),
                  "use_cache": False}  # a cache would turn off the packed-sequence mask
-        if paths:
-            batch.update(self.images.pixels(paths))
+        if pixels:  # each row's images processed once, in row order
+            batch.update({key: torch.cat([p[key] for p in pixels]) for key in pixels[0]})
         return batch
 
 
