@@ -549,7 +549,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
 
     Returns the summary written to ``out/training.json``.
     """
-    stage = resolve("recipes", recipe).get("stage")
+    stage = recipe.get("stage")  # required, no default: start() resolves the rest
     if stage not in ALIGN_STAGES:
         raise SnaketuneError(f"unknown alignment stage {stage!r}: use one of {', '.join(ALIGN_STAGES)} "
                              "(pt and sft are the train step)")
