@@ -20,10 +20,11 @@ stage        data (in every ``--data`` folder)            trainer (trl 1.16)
                                                           ``RLOOTrainer`` (rloo)
 ===========  ==========================================  =============================================
 
-The model is wrapped for the recipe's ``train_type`` with ``snaketune.train.wrap_model`` (full, or a
-LoRA variant). The reference model of DPO/KTO/GRPO is the starting checkpoint: with a LoRA-family
-``train_type`` it is the same model with the adapter disabled (no second copy in memory); with
-``full`` trl loads one frozen copy. Outputs are those of ``train``: a PEFT adapter folder or an HF
+``dpo`` also trains a vision-language model on pairs with images (``vision.preference_rows``; the
+other stages stop on rows with images). The model is wrapped for the recipe's ``train_type`` with
+``snaketune.train.wrap_model`` (full, or a LoRA variant). The reference model of DPO/KTO/GRPO is
+the starting checkpoint: with a LoRA-family ``train_type`` it is the same model with the adapter
+disabled (no second copy in memory); with ``full`` trl loads one frozen copy. Outputs are those of ``train``: a PEFT adapter folder or an HF
 model folder (``rm``: an ``AutoModelForSequenceClassification`` folder with one output), with
 ``training.json``, written atomically. Checkpoints, resume and SIGTERM/SIGUSR1 handling (exit 75)
 are those of ``train``. Every logged metric goes to MLflow per step, with the common names ``loss``,
@@ -38,6 +39,7 @@ import json
 import sys
 from pathlib import Path
 
+from snaketune import vision
 from snaketune.errors import SnaketuneError, cli
 from snaketune.files import read_jsonl, record_names
 from snaketune.registry import LORA_TYPES, STAGES
@@ -110,8 +112,9 @@ def load_rows(data_dirs: list, stage: str) -> list[dict]:
                     raise SnaketuneError(f"{path}: every row must end with an assistant turn (the reference answer)")
                 schemas_left_out += bool(r.get("tools"))
                 rows.append({"prompt": msgs[:-1], "answer": msgs[-1]["content"]})
-        else:
-            rows += read_jsonl(path)
+        else:  # a DPO row's image paths, relative to its dataset folder, resolved there
+            rows += [{**r, "images": [str(data_dir / n) for n in r["images"]]} if r.get("images") else r
+                     for r in read_jsonl(path)]
     if schemas_left_out:
         print(f"note: {schemas_left_out} grpo rows declare tools; their prompts are rendered without those schemas "
               "(trl's GRPOTrainer takes tools as Python functions: grpo.tools); earlier tool calls stay",
@@ -385,9 +388,10 @@ def counting_pair_tokens(trainer_class):
     return PairTokens
 
 
-def make_trainer(stage: str, model, tokenizer, dataset, recipe: dict, common: dict, callbacks: list,
+def make_trainer(stage: str, model, processing_class, dataset, recipe: dict, common: dict, callbacks: list,
                  peft_config=None):
-    """The trl trainer for ``stage`` with its config (common Trainer args + the stage's keys)."""
+    """The trl trainer for ``stage`` with its config (common Trainer args + the stage's keys);
+    ``processing_class``: the tokenizer, or a vision-language model's processor."""
     import warnings
 
     spec = STAGES[stage]
@@ -404,7 +408,7 @@ def make_trainer(stage: str, model, tokenizer, dataset, recipe: dict, common: di
         config = Config(**common, **method_args(recipe, stage), **extra)
         kw = {"peft_config": peft_config} if peft_config is not None else {}
         with logprob_head(recipe, Trainer, model.config.get_text_config().vocab_size):
-            return Trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+            return Trainer(model=model, args=config, train_dataset=dataset, processing_class=processing_class,
                            callbacks=callbacks, **kw)
 
 
@@ -553,6 +557,11 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     if stage not in ALIGN_STAGES:
         raise SnaketuneError(f"unknown alignment stage {stage!r}: use one of {', '.join(ALIGN_STAGES)} "
                              "(pt and sft are the train step)")
+    files = [Path(d) / STAGES[stage].data for d in data]
+    with_images = vision.check_model(base, files)  # rows with images need a vision-language base
+    if with_images and stage != "dpo":
+        raise SnaketuneError(f"{', '.join(map(str, files))}: rows with images, but stage {stage!r} trains on text "
+                             "only: image+text pairs train with stage dpo (and SFT rows with stage sft)")
     setup = start(base, data, recipe, out, checkpoints)
     recipe, tokenizer, cuda = setup.recipe, setup.tokenizer, setup.cuda
     rows = load_rows(data, stage)
@@ -560,9 +569,14 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         for r in rows:
             if not r["prompt"] or r["prompt"][0]["role"] != "system":
                 r["prompt"] = [{"role": "system", "content": recipe["system"]}] + r["prompt"]
-    print(f"data: {len(rows)} {stage} rows from {', '.join(map(str, data))}", flush=True)
+    n_images = sum(len(r.get("images", [])) for r in rows)
+    print(f"data: {len(rows)} {stage} rows{f' with {n_images} images' if with_images else ''} from "
+          f"{', '.join(map(str, data))}", flush=True)
     from datasets import Dataset
 
+    processing = tokenizer
+    if with_images:  # trl's vision DPO: the processor renders images into the prompts, batch by batch
+        rows, processing = vision.preference_rows(rows), vision.processor(base, tokenizer)
     dataset = Dataset.from_list(pretemplate(rows, tokenizer) if STAGES[stage].pretemplate else rows)
     peft_config = None
     if stage == "rm":
@@ -579,7 +593,9 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     if stage == "grpo":
         variant, trainer = make_grpo_trainer(model, tokenizer, dataset, recipe, common, [progress], peft_config)
     else:
-        trainer = make_trainer(stage, model, tokenizer, dataset, recipe, common, [progress], peft_config)
+        trainer = make_trainer(stage, model, processing, dataset, recipe, common, [progress], peft_config)
+    if with_images:  # checkpoints and the output hold the tokenizer and the image processor, as SFT's
+        trainer.processing_class = tokenizer  # do (the assembled processor has no class a folder could name)
     trainable, total = parameter_counts(trainer.model)
     cache_package_lookups()
     result, resume, seconds = run_trainer(
@@ -596,7 +612,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         "reference": reference_kind(stage, recipe, variant),
         "logprob_head": logprob_head_kind(recipe, cuda) if STAGES[stage].logprob_head else None,
         **run_record(trainer, result, resume, seconds, progress, cuda, setup.dtype_name),
-        "data": {"rows": len(rows)},
+        "data": {"rows": len(rows), **({"images": n_images} if with_images else {})},
     }
     logged = [h for h in trainer.state.log_history if "loss" in h]
     for key in ("rewards/margins", "rewards/accuracies", "margin", "accuracy", "reward", "kl"):
@@ -606,7 +622,8 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     if "ref" in getattr(trainer.model, "peft_config", {}):  # trl's frozen copy of the initial adapter
         trainer.model.delete_adapter("ref")
     # the full model is saved in its base's dtype; shards gathered, rank 0 renames into place
-    save(trainer, tokenizer, summary, Path(out), initial_adapter, saved_dtype(base, recipe))
+    save(trainer, tokenizer, summary, Path(out), initial_adapter, saved_dtype(base, recipe),
+         processing.image_processor if with_images else None)
     return summary
 
 

@@ -65,9 +65,10 @@ def _str_field(row: dict, key: str, prefix: str = "", nonempty: bool = False) ->
 
 
 def kinds(params: dict) -> set[str]:
-    """The kinds of rows (``SPLITS`` keys) a resolved dataset block fills: all for the synthetic task."""
+    """The kinds of rows (``SPLITS`` keys) a resolved dataset block fills: all for the addition task,
+    chat rows and preference pairs for the shapes task."""
     if params["source"] == "synthetic":
-        return {"chat"} if params["task"] == "shapes" else set(SPLITS)
+        return {"chat", "preference"} if params["task"] == "shapes" else set(SPLITS)
     fmt = params["format"]
     return {"chat" if fmt in CHAT_FORMATS else fmt}
 
@@ -230,10 +231,12 @@ def swift_rejected(row: dict, prompt: list[dict]) -> list[dict]:
 IMAGE_PLACEHOLDER = "<image>"
 
 
-def has_images(row: dict) -> bool:
-    """Whether a messages row carries images: an ``images`` list, ``<image>`` placeholders or
-    content-part lists."""
-    msgs = row.get("messages")
+def has_images(row: dict, key: str = "messages") -> bool:
+    """Whether a row carries images: an ``images`` list, or ``<image>`` placeholders or
+    content-part lists in its ``key`` turns (``messages``; a preference row's ``prompt``)."""
+    msgs = row.get(key)
+    if isinstance(msgs, str):
+        msgs = [{"content": msgs}]
     return "images" in row or (isinstance(msgs, list) and any(
         isinstance(m, dict) and (isinstance(m.get("content"), list)
                                  or IMAGE_PLACEHOLDER in str(m.get("content", ""))) for m in msgs))
@@ -268,27 +271,27 @@ def content_parts(content, where: str) -> tuple[list[dict], list]:
     return parts, inline
 
 
-def vision_row(row: dict) -> dict:
+def vision_row(row: dict, field: str = "messages") -> dict:
     """A messages row with images, normalised: a turn with images a list of text/image parts
     (images in user turns only), the others strings; ``images`` the sources in order, one per
-    image part (not yet opened)."""
+    image part (not yet opened). ``field`` names the turns in errors (a preference row's prompt)."""
     msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise RowError("messages", "a non-empty list of {role, content} objects", msgs)
+        raise RowError(field, "a non-empty list of {role, content} objects", msgs)
     out, inline = [], []
     for i, msg in enumerate(msgs):
         if not isinstance(msg, dict) or msg.get("role") not in ROLES:
-            raise RowError(f"messages[{i}].role", "one of " + "/".join(ROLES),
+            raise RowError(f"{field}[{i}].role", "one of " + "/".join(ROLES),
                            msg.get("role") if isinstance(msg, dict) else msg)
-        parts, given = content_parts(msg.get("content"), f"messages[{i}].content")
+        parts, given = content_parts(msg.get("content"), f"{field}[{i}].content")
         if msg["role"] != "user" and any(p["type"] == "image" for p in parts):
-            raise RowError(f"messages[{i}].content", f"text only in {msg['role']} turns (images go in user turns)",
+            raise RowError(f"{field}[{i}].content", f"text only in {msg['role']} turns (images go in user turns)",
                            msg.get("content"))
         if not any(p["type"] == "image" for p in parts):  # a text-only turn stays a string
             parts = "".join(p["text"] for p in parts)
         out.append({"role": msg["role"], "content": parts})
         inline += given
-    check_messages([{"role": m["role"], "content": ""} for m in out])  # roles: ends with the assistant's answer
+    check_messages([{"role": m["role"], "content": ""} for m in out], field)  # roles: ends with the assistant's answer
     images = row.get("images", [])
     if not isinstance(images, list):
         raise RowError("images", "a list of image paths (relative to the dataset file)", images)
@@ -297,9 +300,38 @@ def vision_row(row: dict) -> dict:
     images = inline or images
     slots = sum(p["type"] == "image" for m in out if isinstance(m["content"], list) for p in m["content"])
     if slots != len(images):
-        raise RowError("images", f"{slots} image(s), one per <image> placeholder or image part in messages",
+        raise RowError("images", f"{slots} image(s), one per <image> placeholder or image part in {field}",
                        f"{len(images)} image(s): {images}")
     return {"messages": out, "images": images}
+
+
+def vision_preference_row(row: dict) -> dict:
+    """A preference row with images (for DPO): the prompt normalised as ``vision_row`` does (images in
+    its user turns, ``images`` their sources), chosen and rejected text-only assistant turns. trl's
+    layout (``prompt`` + ``chosen`` + ``rejected``) or ms-swift's (``messages`` ending with the chosen
+    answer, ``rejected_response`` or ``rejected_messages``)."""
+    if _swift_layout(row):
+        v = vision_row(row)
+        prompt, chosen = v["messages"][:-1], v["messages"][-1:]
+        if "rejected_messages" in row:
+            given = row["rejected_messages"]
+            if not isinstance(given, list) or not given or (given[:-1] and given[:-1] != row["messages"][:-1]):
+                raise RowError("rejected_messages", "the turns of messages with another last answer", given)
+            rejected = [check_message(given[-1], f"rejected_messages[{len(given) - 1}]")]
+        else:
+            rejected = swift_rejected(row, prompt)
+    else:
+        turns = row.get("prompt")
+        turns = [{"role": "user", "content": turns}] if isinstance(turns, str) else turns
+        if not isinstance(turns, list) or not turns:
+            raise RowError("prompt", "a string or a non-empty list of {role, content} objects", turns)
+        chosen, rejected = _turns(row, "chosen", "assistant"), _turns(row, "rejected", "assistant")
+        v = vision_row({"messages": turns + chosen, "images": row.get("images", [])}, "prompt")
+        prompt = v["messages"][:len(turns)]
+    if rejected == chosen:
+        raise RowError("rejected", "an answer that differs from the chosen one (the pair teaches nothing; "
+                       "fix or drop it)", rejected[-1].get("content"))
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "images": v["images"]}
 
 
 class ImageFile:
@@ -347,13 +379,15 @@ def to_row(row, fmt: str) -> dict:
     """Validate one row of format ``fmt`` and return it in the normalised form of its kind."""
     if fmt == "messages" and isinstance(row, dict) and has_images(row):
         return vision_row(row)
+    if fmt == "preference" and isinstance(row, dict) and has_images(row, "messages" if _swift_layout(row) else "prompt"):
+        return vision_preference_row(row)
     if fmt in CHAT_FORMATS:
         return {"messages": to_messages(row, fmt), **(check_tools(row) if fmt == "messages" else {})}
     if not isinstance(row, dict):
         raise RowError("<row>", "a JSON object", row)
     if row.get("images"):  # dropped silently otherwise: only SFT rows (format messages) take images so far
-        raise RowError("images", f"no images in format {fmt!r} (images go with format messages, for SFT; "
-                       "preference, KTO and pre-training rows with images are not supported yet)", row["images"])
+        raise RowError("images", f"no images in format {fmt!r} (images go with format messages, for SFT, and "
+                       "preference, for DPO; KTO and pre-training rows with images are not supported yet)", row["images"])
     if fmt == "text":
         if "text" not in row and "messages" in row:  # ms-swift's pre-training rows: assistant turns only
             msgs = check_messages(row["messages"])
@@ -525,7 +559,8 @@ def image_files(path: str | Path) -> list[str]:
         if not isinstance(row, dict):
             continue
         names = list(row.get("images") or []) if isinstance(row.get("images"), list) else []
-        for msg in row.get("messages") or []:
+        turns = [t for key in ("messages", "prompt") if isinstance(row.get(key), list) for t in row[key]]
+        for msg in turns:
             content = msg.get("content") if isinstance(msg, dict) else None
             names += [p.get("image") for p in content if isinstance(p, dict)] if isinstance(content, list) else []
         found.update(str(file.parent / n) for n in names if isinstance(n, str) and (file.parent / n).is_file())
@@ -604,7 +639,8 @@ def shapes_task(params: dict) -> dict[str, list[dict]]:
     """The synthetic vision task: PIL-drawn images asking "What colour is the circle?" (one circle
     of one of ``COLOURS``) or "How many squares are there?" (1-4 squares, not touching), each
     question kind in ``questions`` equally often; train and test images are disjoint (no drawing
-    is in both)."""
+    is in both). Each row is also a preference pair (``preference``/``preference_test``): its right
+    answer chosen, a wrong one of the same kind rejected."""
     rng = random.Random(params.get("seed", 0))
     side, questions = params["image_size"], params["questions"]
     n_test, n_train = params["n_test"], params.get("n_train", 2000)
@@ -630,6 +666,15 @@ def shapes_task(params: dict) -> dict[str, list[dict]]:
                       "images": [draw_shapes(kind, colour, spots, size, side)]})
     out = {name: [] for pair in SPLITS.values() for name in pair}
     out["test"], out["train"] = cases[:n_test], cases[n_test:]
+
+    def pair(case: dict) -> dict:  # the right answer against one wrong one of the same kind, same image
+        question, answer = case["messages"]
+        options = sorted(COLOURS) if answer["content"] in COLOURS else ["1", "2", "3", "4"]
+        wrong = rng.choice([o for o in options if o != answer["content"]])
+        return {"prompt": [question], "chosen": [answer], "rejected": [{"role": "assistant", "content": wrong}],
+                "images": case["images"]}
+
+    out["preference_test"], out["preference"] = [pair(c) for c in out["test"]], [pair(c) for c in out["train"]]
     return out
 
 

@@ -192,6 +192,72 @@ class PackedCollator:
         return batch
 
 
+def processor(folder: str | Path, tokenizer):
+    """The model folder's processor for trl's vision trainers (DPO): its image processor (PIL
+    backend, as ``Images`` reads images) and ``tokenizer``. transformers' ``Qwen2VLProcessor``
+    also requires a video processor, which needs torchvision; images need none, so this one has
+    no video processor."""
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageOnlyProcessor(Images(folder).processor, tokenizer, chat_template=tokenizer.chat_template)
+
+
+def preference_rows(rows: list[dict]) -> list[dict]:
+    """Preference rows (``images``: paths) as trl's vision DPO reads them: every prompt turn a list
+    of content parts (one column type for the dataset), images opened as RGB PIL images (``[]`` for
+    a text-only row)."""
+    from PIL import Image
+
+    out = []
+    for row in rows:
+        opened = []
+        for name in row.get("images", []):
+            with Image.open(name) as img:
+                opened.append(img.convert("RGB"))
+        prompt = [{**m, "content": m["content"] if isinstance(m["content"], list) else
+                   [{"type": "text", "text": m["content"]}]} for m in row["prompt"]]
+        out.append({**row, "prompt": prompt, "images": opened})
+    return out
+
+
+def preference_margins(model, tokenizer, images: Images, rows: list[dict], data_dir: Path) -> dict:
+    """Held-out pairs with images: the share whose chosen answer has the higher summed
+    log-probability (tokens labelled as SFT labels them: the assistant turn) and the mean margin."""
+    import torch
+
+    collate = Collator(images, tokenizer.pad_token_id)
+
+    def logp(key: str) -> list[float]:
+        out = []
+        for r in rows:
+            enc = tokenize_row({"messages": r["prompt"] + r[key], "images": r.get("images", [])}, Path(data_dir),
+                               tokenizer, images, 10**9)
+            batch = collate([enc])
+            labels = batch.pop("labels")
+            with torch.no_grad():
+                logits = model(**batch).logits[:, :-1].float()
+            target = labels[:, 1:]
+            mask = target != -100
+            token_logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+            out.append(token_logp[mask].sum().item())
+        return out
+
+    was_training = model.training
+    model.eval()
+    margins = [c - r for c, r in zip(logp("chosen"), logp("rejected"))]
+    model.train(was_training)
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
+            "n": len(margins)}
+
+
 def lora_targets(model, recipe: dict) -> list[str]:
     """The linear layers ``all-linear`` means for a vision-language model: the language model's,
     the vision tower's unless ``freeze_vision``, the merger's unless ``freeze_projector`` (never
