@@ -18,7 +18,8 @@ its bound, and writes benchmarks/results/robustness.json.
 
 ``--demo`` runs ``snakemake`` on config.yaml (its ``seed`` set) up to the held-out evaluation of
 base, pt and sft-lora, one Snakemake job at a time, and records the sft-lora score against the
-demo test's bound. Runs already in the JSON that this call does not repeat are kept.
+demo test's bound. Runs already in the JSON that this call does not repeat are kept (a ``-k``
+selection's runs are cells of their own, named by ``pytest_k``).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def run_one(cap: str, mkl: str, seed: int, select: str, keyword: str) -> dict:
                                  "-k", keyword, "--durations=0"], cwd=ROOT, env=env, capture_output=True, text=True)
         records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
-    return {"capability": cap, "mkl_cbwr": mkl, "seed": seed, "records": records, "pytest": tail,
-            "passed": result.returncode == 0, "seconds": round(time.time() - t0)}
+    return {"capability": cap, "mkl_cbwr": mkl, "seed": seed, **({"pytest_k": keyword} if keyword else {}),
+            "records": records, "pytest": tail, "passed": result.returncode == 0, "seconds": round(time.time() - t0)}
 
 
 def run_demo(cap: str, mkl: str, seed: int) -> dict:
@@ -146,11 +147,10 @@ def main():
     kind = "demo" if args.demo else "pytest"
     for run in runs:
         run.setdefault("kind", kind)
-    rerun = {(kind, r["capability"], r["mkl_cbwr"], r["seed"]) for r in runs}
-    kept = [r for r in json.loads(args.out.read_text())["runs"]
-            if (r.get("kind", "pytest"), r["capability"], r["mkl_cbwr"], r["seed"]) not in rerun] \
-        if args.out.is_file() else []
-    runs = sorted(kept + runs, key=lambda r: (r["kind"], r["capability"], r["mkl_cbwr"], r["seed"]))
+    cell = lambda r: (r.get("kind", "pytest"), r.get("pytest_k", ""), r["capability"], r["mkl_cbwr"], r["seed"])  # noqa: E731
+    rerun = {cell(r) for r in runs}  # a run of one selection (-k) replaces only that selection's cells
+    kept = [r for r in json.loads(args.out.read_text())["runs"] if cell(r) not in rerun] if args.out.is_file() else []
+    runs = sorted(kept + runs, key=cell)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": cpu_model(), "native": machine_caps()[-1], "runs": runs}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(runs))
