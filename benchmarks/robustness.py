@@ -28,7 +28,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -36,19 +35,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from snaketune.bundle import cpu_model  # noqa: E402
 OUT = ROOT / "benchmarks/results/robustness.json"
 ORDER = ("default", "avx2", "avx512")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the platform's word for it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_caps() -> list[str]:

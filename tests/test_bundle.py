@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snaketune.bundle import EXIT_NEEDS_CONSENT, check_manifest, compare, sha256_file, table, tolerance_for, write_tar
+from snaketune.bundle import (EXIT_NEEDS_CONSENT, check_manifest, compare, env_differences, environment, sha256_file, table,
+                              tolerance_for, write_tar)
 from snaketune.bundle import verify as verify_in_process
 from conftest import Background, finished_study
 from test_determinism import MODEL
@@ -28,6 +29,19 @@ def test_tolerance_lookup_full_name_then_short_name_then_default():
     assert tolerance_for("eval/m/w/b.exact_match", tol) == 0.02
     assert tolerance_for("train/m/r.final_loss", tol) == 0.5
     assert tolerance_for("train/m/r.final_loss", {}) == 0.0
+
+
+def test_another_cpu_model_or_kernel_setting_is_named_among_the_environment_differences(monkeypatch):
+    """The lock records the CPU model and the kernels torch uses (and any variable that pins them):
+    verify names a change, since exact CPU metrics hold per CPU model only (benchmarks/cross_cpu.py)."""
+    bundled = environment()
+    assert bundled["cpu"]["model"] and bundled["cpu"]["capability"]
+    assert not [d for d in env_differences(bundled, environment()) if d.startswith("CPU")]
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    (line,) = [d for d in env_differences(bundled, environment()) if d.startswith("CPU")]
+    assert "-> MKL_CBWR COMPATIBLE, capability" in line and "reproduce.tolerance.cpu" in line
+    assert not [d for d in env_differences({k: v for k, v in bundled.items() if k != "cpu"}, bundled)
+                if d.startswith("CPU")]  # a bundle from before the CPU was recorded: nothing to compare
 
 
 def test_compare_within_and_outside_tolerance():

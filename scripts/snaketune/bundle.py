@@ -158,8 +158,23 @@ def table(rows: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------ environment
 
+CPU_KERNEL_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
-    """Python, exact package versions, torch build, CUDA/cuDNN, GPU model and driver."""
+    """Python, exact package versions, torch build, CPU model and kernel settings, CUDA/cuDNN, GPU
+    model and driver."""
     from importlib import metadata
 
     packages = {}
@@ -172,6 +187,8 @@ def environment() -> dict:
         "python_implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        # CPU runs are bitwise reproducible per CPU model: another model's kernels round differently
+        "cpu": {"model": cpu_model(), **{k: os.environ[k] for k in CPU_KERNEL_VARS if os.environ.get(k)}},
         "packages": dict(sorted(packages.items())),
         "torch": None,
         "gpus": [],
@@ -188,6 +205,7 @@ def environment() -> dict:
             "cuda_available": torch.cuda.is_available(),
             "num_threads": torch.get_num_threads(),
         }
+        env["cpu"]["capability"] = torch.backends.cpu.get_cpu_capability()
         if torch.cuda.is_available():
             env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except ImportError:
@@ -611,6 +629,11 @@ def _init_tracking(run_dir: Path) -> None:
 
 def env_differences(bundled: dict, current: dict) -> list[str]:
     diffs = []
+    if "cpu" in bundled and bundled["cpu"] != current.get("cpu"):
+        describe = lambda cpu: ", ".join(f"{k} {v}" for k, v in sorted(cpu.items())) or "unknown"  # noqa: E731
+        diffs.append(f"CPU {describe(bundled['cpu'])} -> {describe(current.get('cpu') or {})} (CPU runs are bitwise "
+                     "reproducible per CPU model and kernel settings: on another, CPU metrics need "
+                     "reproduce.tolerance.cpu)")
     if bundled.get("python") != current.get("python"):
         diffs.append(f"python {bundled.get('python')} -> {current.get('python')}")
     old, new = bundled.get("packages", {}), current.get("packages", {})
