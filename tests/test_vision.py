@@ -227,6 +227,30 @@ def test_images_for_a_model_without_vision_tower_is_an_error(tiny_model, tmp_pat
                                                       "max_steps": 1}, str(tmp_path / "out"))
 
 
+def test_a_checkpoint_with_its_chat_template_in_the_processors_file_gets_it_for_the_tokenizer(vl_model, tmp_path):
+    """Hub VLM repos may keep the chat template in chat_template.json only (the processor's file);
+    the model step writes it where every step's tokenizer reads it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from snaketune.model import fetch
+
+    hub = tmp_path / "hub-layout"
+    shutil.copytree(vl_model, hub, ignore=shutil.ignore_patterns("chat_template.jinja", "source.json"))
+    template = (vl_model / "chat_template.jinja").read_text()
+    (hub / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert AutoTokenizer.from_pretrained(hub).chat_template is None
+    record = fetch({"source": "local", "path": str(hub)}, tmp_path / "model")
+    assert AutoTokenizer.from_pretrained(tmp_path / "model").chat_template == template
+    assert "chat_template.jinja" in record["files"] and "chat_template.json" in record["chat_template"]
+    assert not (hub / "chat_template.jinja").exists()  # the user's folder is left as it was
+    (hub / "chat_template.json").write_text(json.dumps({"chat_template": ["not", "text"]}))
+    with pytest.raises(SnaketuneError, match=r"chat_template.json: field 'chat_template': expected the template"):
+        fetch({"source": "local", "path": str(hub)}, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_labels_only_on_assistant_turns_never_on_image_tokens(vl_model, tmp_path):
     from transformers import AutoTokenizer
 

@@ -256,6 +256,25 @@ def copy_local(params: dict, out: Path) -> None:
             shutil.copy2(item, dest)
 
 
+def processor_chat_template(folder: Path) -> bool:
+    """Give the tokenizer the chat template that a vision-language checkpoint keeps for its
+    processor only (``chat_template.json``; many VLM repos have no template in
+    tokenizer_config.json): written as ``chat_template.jinja``, which every step's tokenizer reads.
+    True if it was written."""
+    given = folder / "chat_template.json"
+    config = folder / "tokenizer_config.json"
+    if not given.is_file() or (folder / "chat_template.jinja").exists():
+        return False
+    if config.is_file() and json.loads(config.read_text()).get("chat_template"):
+        return False
+    template = json.loads(given.read_text()).get("chat_template")
+    if not isinstance(template, str):
+        raise SnaketuneError(f"{given}: field 'chat_template': expected the template text (a string); fix or "
+                             "remove the file")
+    (folder / "chat_template.jinja").write_text(template)
+    return True
+
+
 GGUF_MAGIC = b"GGUF"
 
 
@@ -349,6 +368,8 @@ def fetch(params: dict, out: str | os.PathLike) -> dict:
             record.update(convert_gguf(params, tmp))
         else:
             raise SnaketuneError(f"unknown model source {source!r}: use tiny, hf, modelscope, local or gguf")
+        if processor_chat_template(tmp):
+            record["chat_template"] = "chat_template.jinja written from chat_template.json (the processor's)"
         record["files"] = model_files(tmp)
         write_json(tmp / "source.json", record)
     return record
