@@ -9,6 +9,8 @@ what the product adds on top of a plain ``generate``:
 | ``generate`` | ``model.generate`` (the baseline) |
 | ``generate+criteria`` | the same with the engine's cancel check (a Python stopping criterion) |
 | ``generate+streamer`` | the same with a streamer that hands token lists to a queue (in this thread) |
+| ``generate in a thread`` | ``generate`` in a worker thread that this one joins |
+| ``generate+streamer in a thread`` | the same with the streamer, its queue consumed here (the engine's pattern) |
 | ``engine`` | ``snaketune.serve.TransformersEngine.generate``: generate in a worker thread, tokens consumed here |
 | ``served`` | ``python -m snaketune.serving_bench`` (the rule's command): the OpenAI server in its own process, streamed over HTTP at concurrency 1 |
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import queue
 import statistics
@@ -101,10 +104,26 @@ def in_process_rows(folder: Path, tokens: int, reps: int, profile: bool) -> tupl
     def cancel(input_ids, scores, **_):
         return torch.full((input_ids.shape[0],), never.is_set(), dtype=torch.bool, device=input_ids.device)
 
+    def in_thread(fn):  # the engine's pattern: generate in a worker thread, this one waits
+        def run():
+            worker = threading.Thread(target=fn)
+            worker.start()
+            worker.join()
+        return run
+
+    def streamed_from_thread():  # ... and consumes the streamer's queue meanwhile, as the engine does
+        q = queue.Queue()
+        worker = threading.Thread(target=plain(streamer=_QueueStreamer(q, len(ids))))
+        worker.start()
+        while q.get() is not None:
+            pass
+        worker.join()
+
     rows = [("generate", plain()), ("generate+criteria", plain(stopping_criteria=[cancel])),
-            ("generate+streamer", lambda: plain(streamer=_QueueStreamer(queue.Queue(), len(ids)))())]
+            ("generate+streamer", lambda: plain(streamer=_QueueStreamer(queue.Queue(), len(ids)))()),
+            ("generate in a thread", in_thread(plain())), ("generate+streamer in a thread", streamed_from_thread)]
     out = [{"row": name, "s_per_token": timed(fn, reps) / tokens} for name, fn in rows]
-    del model
+    model.cpu()  # the engine loads its own copy
     engine = TransformersEngine(str(folder), {"device": device})
     request = {"max_tokens": tokens, "ignore_eos": True, "temperature": 0}
 
@@ -134,7 +153,8 @@ def served_row(folder: Path, tokens: int, work: Path) -> dict:
               "output_tokens": tokens, "warmup": 2}
     subprocess.run([sys.executable, "-m", "snaketune.serving_bench", "--model", str(folder), "--params",
                     json.dumps(params), "--out", str(out)], check=True,
-                   env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "scripts")})
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "scripts"),
+                                                                            os.environ.get("PYTHONPATH")]))})
     level = json.loads(out.read_text())["levels"][0]
     return {"row": "served", "s_per_token": level["tpot_ms"]["p50"] / 1000, "ttft_ms_p50": level["ttft_ms"]["p50"]}
 

@@ -289,19 +289,21 @@ def grpo_recipe(variant, steps, **grpo):
 
 @pytest.mark.learning
 def test_grpo_exact_match_reward_rises(sft_model, arith, tmp_path):
-    """GRPO on 16 training prompts of the tiny task: the SFT model samples the right sum ~1/3 of the
-    time; the mean exact-match reward of the last 10 steps is clearly above the first 10."""
+    """GRPO on 16 training prompts of the tiny task: the SFT model samples the right sum 0.21-0.46 of
+    the time (first 10 steps); after 80 steps the last 10 average 0.71-0.87, a gain of 0.25-0.60 over
+    seeds 0-2 x ATEN_CPU_CAPABILITY default/avx2/avx512 (2026-12-06, Intel Xeon; asserted > 0.15).
+    40 steps gained only 0.17 on one of those nine (default, seed 2)."""
     data = tmp_path / "small"
     data.mkdir()
     (data / "train.jsonl").write_text("".join(open(arith / "train.jsonl").readlines()[:16]))
     run = MemoryRun()
-    recipe = {**grpo_recipe("grpo", 40), "lr_scheduler": "cosine"}
+    recipe = {**grpo_recipe("grpo", 80), "lr_scheduler": "cosine"}
     summary = align(str(sft_model), [str(data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"), run)
     reward = run.metrics["reward"]
     print(f"grpo: exact-match reward, first 10 steps {mean(reward[:10]):.3f} -> last 10 {mean(reward[-10:]):.3f}")
     record_learning("grpo exact-match reward gain", mean(reward[-10:]) - mean(reward[:10]), 0.15)
     assert mean(reward[-10:]) > mean(reward[:10]) + 0.15
-    assert len(run.metrics["kl"]) == 40 and summary["reference"] == "frozen copy of the starting model"
+    assert len(run.metrics["kl"]) == 80 and summary["reference"] == "frozen copy of the starting model"
 
 
 @pytest.mark.parametrize("variant", ["dapo", "dr_grpo", "bnpo", "gspo", "cispo", "sapo", "luspo", "vespo", "rloo",
