@@ -24,8 +24,9 @@ stage        data (in every ``--data`` folder)            trainer (trl 1.16)
 other stages stop on rows with images). The model is wrapped for the recipe's ``train_type`` with
 ``snaketune.train.wrap_model`` (full, or a LoRA variant). The reference model of DPO/KTO/GRPO is
 the starting checkpoint: with a LoRA-family ``train_type`` it is the same model with the adapter
-disabled (no second copy in memory); with ``full`` trl loads one frozen copy. Outputs are those of ``train``: a PEFT adapter folder or an HF
-model folder (``rm``: an ``AutoModelForSequenceClassification`` folder with one output), with
+disabled (no second copy in memory); with ``full`` trl loads one frozen copy. Outputs are those of
+``train``: a PEFT adapter folder or an HF model folder (``rm``: an
+``AutoModelForSequenceClassification`` folder with one output), with
 ``training.json``, written atomically. Checkpoints, resume and SIGTERM/SIGUSR1 handling (exit 75)
 are those of ``train``. Every logged metric goes to MLflow per step, with the common names ``loss``,
 ``rewards/chosen``, ``rewards/rejected``, ``margins``, ``accuracies``, ``kl`` and ``reward`` where

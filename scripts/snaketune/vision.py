@@ -37,14 +37,16 @@ def rows_with_images(path: Path) -> list[int]:
 def check_model(base: str | Path, files: list[Path]) -> bool:
     """True when the data files have images (then the model must be a vision-language one; a
     SnaketuneError naming the first such row otherwise)."""
-    for path in files:
+    found = False
+    for path in files:  # each file read once
         lines = rows_with_images(path)
         if lines and not is_vision(base):
             raise SnaketuneError(f"{path}:{lines[0]}: field 'images': {len(lines)} row(s) have images, but the model "
                                  f"{base} has no vision tower (no vision_config in its config.json): train a "
                                  "vision-language model (e.g. models.<name>.architecture: qwen2_vl), or use a "
                                  "dataset without images")
-    return any(rows_with_images(p) for p in files)
+        found = found or bool(lines)
+    return found
 
 
 class Images:
