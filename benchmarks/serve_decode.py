@@ -10,8 +10,10 @@ what the product adds on top of a plain ``generate``:
 | ``generate+criteria`` | the same with the engine's cancel check (a Python stopping criterion) |
 | ``generate+streamer`` | the same with a streamer that hands token lists to a queue (in this thread) |
 | ``generate in a thread`` | ``generate`` in a worker thread that this one joins |
-| ``generate+streamer in a thread`` | the same with the streamer, its queue consumed here (the engine's pattern) |
-| ``engine`` | ``snaketune.serve.TransformersEngine.generate``: generate in a worker thread, tokens consumed here |
+| ``generate+streamer in a thread`` | the same with the streamer, its queue consumed here (the engine's pattern until 2026-12-06) |
+| ``generate in a thread, 1 intra-op thread`` | a fresh worker thread that calls ``torch.set_num_threads(1)`` first |
+| ``generate in a long-lived thread`` | one worker thread for all runs (the engine's ``_run_jobs``), each run handed to it and waited for |
+| ``engine`` | ``snaketune.serve.TransformersEngine.generate``: generate in the engine's long-lived worker thread, tokens consumed here |
 | ``served`` | ``python -m snaketune.serving_bench`` (the rule's command): the OpenAI server in its own process, streamed over HTTP at concurrency 1 |
 
 Each in-process row is the median of ``--reps`` runs after one warm-up. ``--profile`` adds a
@@ -74,7 +76,7 @@ def in_process_rows(folder: Path, tokens: int, reps: int, profile: bool) -> tupl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from snaketune.serve import TransformersEngine, _QueueStreamer
+    from snaketune.serve import TransformersEngine, _QueueStreamer, _run_jobs
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -111,6 +113,22 @@ def in_process_rows(folder: Path, tokens: int, reps: int, profile: bool) -> tupl
             worker.join()
         return run
 
+    def one_intra_op_thread(fn):
+        def run():
+            torch.set_num_threads(1)
+            fn()
+        return run
+
+    jobs = queue.Queue()
+    threading.Thread(target=_run_jobs, args=(jobs, torch.get_num_threads()), daemon=True).start()
+
+    def in_long_lived_thread(fn):
+        def run():
+            done = threading.Event()
+            jobs.put(lambda: (fn(), done.set()))
+            done.wait()
+        return run
+
     def streamed_from_thread():  # ... and consumes the streamer's queue meanwhile, as the engine does
         q = queue.Queue()
         worker = threading.Thread(target=plain(streamer=_QueueStreamer(q, len(ids))))
@@ -121,7 +139,9 @@ def in_process_rows(folder: Path, tokens: int, reps: int, profile: bool) -> tupl
 
     rows = [("generate", plain()), ("generate+criteria", plain(stopping_criteria=[cancel])),
             ("generate+streamer", lambda: plain(streamer=_QueueStreamer(queue.Queue(), len(ids)))()),
-            ("generate in a thread", in_thread(plain())), ("generate+streamer in a thread", streamed_from_thread)]
+            ("generate in a thread", in_thread(plain())), ("generate+streamer in a thread", streamed_from_thread),
+            ("generate in a thread, 1 intra-op thread", in_thread(one_intra_op_thread(plain()))),
+            ("generate in a long-lived thread", in_long_lived_thread(plain()))]
     out = [{"row": name, "s_per_token": timed(fn, reps) / tokens} for name, fn in rows]
     model.cpu()  # the engine loads its own copy
     engine = TransformersEngine(str(folder), {"device": device})

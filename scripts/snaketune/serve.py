@@ -24,6 +24,7 @@ Binds 127.0.0.1 by default. An API key is read from the environment variable nam
 import argparse
 import json
 import os
+import queue
 import shlex
 import signal
 import socket
@@ -35,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import weakref
 from pathlib import Path
 
 from snaketune import vision
@@ -315,8 +317,22 @@ class _QueueStreamer:
         self.q.put(None)
 
 
+def _run_jobs(jobs: queue.Queue, threads: int) -> None:
+    """The engine's worker: run each job handed over, until None. Torch's intra-op thread count is
+    set per thread (a new thread has OpenMP's default, every core), so it is set here again."""
+    import torch
+
+    torch.set_num_threads(threads)
+    while (job := jobs.get()) is not None:
+        job()
+
+
 class TransformersEngine:
-    """One model, one request at a time, greedy or sampled decoding with ``generate``."""
+    """One model, one request at a time, greedy or sampled decoding with ``generate``.
+
+    ``generate`` runs in one worker thread that lives as long as the engine (the caller consumes its
+    tokens). A fresh thread per request decoded 4.5x slower than the main thread on an H100 machine
+    (benchmarks/results/2026-12-06-h100-serve-decode-2.md)."""
 
     def __init__(self, model_dir: str, params: dict):
         import torch
@@ -335,6 +351,9 @@ class TransformersEngine:
         self.model.eval()
         self.lock = threading.Lock()
         self.max_model_len = int(params.get("max_model_len", 2048))
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=_run_jobs, args=(self.jobs, torch.get_num_threads()), name="snaketune-generate", daemon=True).start()
+        weakref.finalize(self, self.jobs.put, None)  # the worker ends with its engine
 
     def encode_chat(self, messages: list[dict], images: list | None = None) -> tuple[list[int], dict]:
         """Prompt ids of a chat, and the model inputs of its images (PIL images; empty without)."""
@@ -369,8 +388,6 @@ class TransformersEngine:
     def generate(self, ids: list[int], req: dict, extra: dict | None = None):
         """Yield lists of new token ids as they are produced; the caller decodes. ``extra``: the
         images' model inputs (encode_chat)."""
-        import queue
-
         torch = self.torch
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, max_model_len is {self.max_model_len}")
@@ -381,7 +398,7 @@ class TransformersEngine:
         streamer = _QueueStreamer(q, len(ids))
         inp = torch.tensor([ids], device=self.model.device)
         err: list[BaseException] = []
-        cancel = threading.Event()
+        cancel, done = threading.Event(), threading.Event()
 
         def cancelled(input_ids, scores, **_):  # a StoppingCriteria: the client went away
             return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
@@ -395,16 +412,17 @@ class TransformersEngine:
             except BaseException as e:  # surfaced to the request
                 err.append(e)
                 q.put(None)
+            finally:
+                done.set()
 
         with self.lock:
-            t = threading.Thread(target=run, daemon=True)
-            t.start()
+            self.jobs.put(run)
             try:
                 while (item := q.get()) is not None:
                     yield item
             finally:  # also when the consumer stops early (client disconnect, stop string)
                 cancel.set()
-                t.join()
+                done.wait()
         if err:
             raise err[0]
 
