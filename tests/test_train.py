@@ -595,3 +595,16 @@ def test_eval_steps_without_a_held_out_split_names_the_fix(tiny_model, tmp_path)
     with pytest.raises(SnaketuneError, match=r"eval_steps: the held-out split \(test.jsonl\) of .* is empty: give "
                                              "those datasets a test_size above 0 or a test_path"):
         train(str(tiny_model), [str(data)], {**RECIPE, "train_type": "lora", "eval_steps": 2}, str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("train_type", ["qlora", "lora"])
+def test_gradient_checkpointing_is_not_reentrant(train_type, tiny_model, tiny_data, tmp_path):
+    """torch warns on every checkpointed step when use_reentrant is not said (and will raise): the
+    7B QLoRA run on an H100 (2026-12-06) printed it each step."""
+    import warnings
+
+    recipe = {**RECIPE, "train_type": train_type, "gradient_checkpointing": True, "max_steps": 2, "logging_steps": 1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "adapter"), str(tmp_path / "ckpt"))
+    assert not [str(w.message) for w in caught if "use_reentrant" in str(w.message)]

@@ -162,6 +162,8 @@ def _common_args(recipe: dict, checkpoints: Path, cuda: bool, dtype_name: str, t
     args = trainer_args(recipe, checkpoints, cuda, dtype_name, total_steps)
     # always said: trl's configs default to gradient checkpointing on (transformers' to off)
     args["gradient_checkpointing"] = recipe["gradient_checkpointing"]
+    if recipe["gradient_checkpointing"]:  # torch warns without it, and will raise
+        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     return args
 
 

@@ -89,7 +89,8 @@ def load_model(base: str, recipe: dict, dtype, cuda: bool):
     model = auto.from_pretrained(base, dtype=dtype, device_map=device_map,
                                  quantization_config=qlora_config(recipe.get("quantization", {}), dtype,
                                                                   vision.is_vision(base)))
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe["gradient_checkpointing"])
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe["gradient_checkpointing"],
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def decoder_layers(model):
