@@ -499,6 +499,41 @@ def test_checkpoints_of_another_recipe_are_not_resumed(tiny_model, tiny_data, tm
     assert "recipe keys changed: learning_rate): starting over" in capsys.readouterr().out
 
 
+def test_running_out_of_gpu_memory_ends_as_advice(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
+    """A CUDA out-of-memory in a training step ends the step with exit 2 and advice, no traceback:
+    the step reached, what the recipe asked for and the recipe keys that need less memory. The
+    checkpoints written before it stay; no output folder is written."""
+    import torch
+    from transformers import Trainer
+
+    from snaketune.train import main
+
+    step = Trainer.training_step
+
+    def oom_at_step_4(self, *args, **kw):
+        if self.state.global_step == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 788.00 MiB. GPU 0 has a total "
+                                         "capacity of 79.18 GiB of which 160.19 MiB is free.")
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(Trainer, "training_step", oom_at_step_4)
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 12, "save_steps": 4}
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--base", str(tiny_model), "--data", str(tiny_data), "--params", json.dumps(recipe),
+              "--out", str(out), "--checkpoints", str(ckpt), "--variant", "tiny"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "snaketune: error: out of GPU memory after 4 of 12 steps (tried to allocate 788.00 MiB): " \
+           "batch_size 16 x gradient_accumulation_steps 1 per device at max_length 48." in err
+    for fix in ("gradient_checkpointing: true", "batch_size: 8 with recipes.tiny.gradient_accumulation_steps: 2",
+                "max_length: 24", "train_type: qlora"):
+        assert f"\n  recipes.tiny.{fix} (" in err
+    assert err.index("gradient_checkpointing") < err.index("batch_size: 8") < err.index("max_length: 24") \
+        < err.index("qlora")  # cheapest first
+    assert (ckpt / "checkpoint-4").is_dir() and not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
 def test_qlora_merge_of_a_bf16_training_is_checked_in_fp32(tiny_model, tiny_data, tmp_path):
     """A QLoRA adapter trained with bf16 compute (as on a GPU) merges: the check against the model
     as trained runs both sides in fp32, so bf16 rounding (0.0625 at logit scale 11.6 on an H200,

@@ -605,7 +605,8 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         trainer, setup.checkpoints, preempted, cuda,
         f"aligning {stage}{'/' + variant if variant else ''}/{recipe.get('train_type', 'lora')}: {trainable:,} of {total:,} "
         f"parameters trainable, {steps} steps, batch {recipe['batch_size']}x{recipe['gradient_accumulation_steps']}"
-        f"x{setup.world}, {setup.dtype_name}, reference: {reference_kind(stage, recipe, variant)}")
+        f"x{setup.world}, {setup.dtype_name}, reference: {reference_kind(stage, recipe, variant)}",
+        recipe, recipe_name)
 
     summary = {
         **record_names(model_name, recipe_name),

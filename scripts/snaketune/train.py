@@ -293,7 +293,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
         trainer, setup.checkpoints, preempted, cuda,
         f"training {stage}/{train_type}: {trainable:,} of {total:,} parameters trainable, {steps} steps, "
         f"batch {recipe['batch_size']}x{recipe['gradient_accumulation_steps']}x{setup.world}, {setup.dtype_name}, "
-        f"speed-ups: {on}")
+        f"speed-ups: {on}", recipe, variant)
 
     eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     summary = {

@@ -1,7 +1,8 @@
 """What the train and align steps share: the run's setup (dtype, checkpoints claimed for these
 inputs, tokenizer), the model (loading, quantized bases, the train type's wrapping), the Trainer's
 arguments, progress and preemption, and the tail every run ends with (``run_trainer``: resume from
-the newest complete checkpoint, train, exit 75 on a preemption signal; ``run_record``: what
+the newest complete checkpoint, train, exit 75 on a preemption signal, advice when the GPU runs out
+of memory; ``run_record``: what
 training.json records of any run; ``save``: the output folder, atomically).
 
 A library, not a step: ``snaketune.train`` (pt, sft) and ``snaketune.align`` (dpo, ..., grpo)
@@ -568,10 +569,12 @@ def parameter_counts(model) -> tuple[int, int]:
     return sum(p.numel() for _, p in params if p.requires_grad), sum(p.numel() for _, p in params)
 
 
-def run_trainer(trainer, checkpoints: Path, preempted: Preempted, cuda: bool, headline: str):
+def run_trainer(trainer, checkpoints: Path, preempted: Preempted, cuda: bool, headline: str, recipe: dict,
+                name: str | None):
     """Train to the end from the newest complete checkpoint (printing ``headline`` first); exit 75
-    (EXIT_REQUEUE) when a preemption signal stopped it at a checkpoint. Returns (trainer.train()'s
-    output, the checkpoint resumed from or None, seconds of trainer.train())."""
+    (EXIT_REQUEUE) when a preemption signal stopped it at a checkpoint; a SnaketuneError with the
+    recipe ``name``'s keys to change when the GPU runs out of memory (``oom_advice``). Returns
+    (trainer.train()'s output, the checkpoint resumed from or None, seconds of trainer.train())."""
     import torch
     from transformers.trainer_callback import PrinterCallback
 
@@ -584,13 +587,53 @@ def run_trainer(trainer, checkpoints: Path, preempted: Preempted, cuda: bool, he
         torch.cuda.reset_peak_memory_stats()
     freeze_heap()
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except torch.OutOfMemoryError as err:
+        raise SnaketuneError(oom_advice(err, trainer, recipe, name, cuda)) from err
     seconds = time.perf_counter() - t0
     if preempted.signal:
         print(f"stopped by {preempted.signal} at step {trainer.state.global_step}; checkpoint in "
               f"{checkpoints}; rerun to resume", file=sys.stderr, flush=True)
         sys.exit(EXIT_REQUEUE)
     return result, resume, seconds
+
+
+def oom_advice(err, trainer, recipe: dict, name: str | None, cuda: bool) -> str:
+    """What ran out (the GPU, its peak, the step), what the recipe asked for, and the config.yaml
+    keys that need less memory, cheapest first: recompute activations, the same effective batch in
+    smaller pieces, shorter samples, a 4-bit base under a LoRA."""
+    import torch
+
+    where = ""
+    if cuda:
+        device = torch.cuda.current_device()
+        where = (f" on {torch.cuda.get_device_name(device)} "
+                 f"({torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB, PyTorch's peak "
+                 f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB)")
+    tried = re.search(r"Tried to allocate ([\d.]+ \w+)", str(err))
+    key = f"recipes.{name or '<name>'}."
+    batch, accumulation, max_length = recipe["batch_size"], recipe["gradient_accumulation_steps"], recipe["max_length"]
+    fixes = []
+    if not recipe["gradient_checkpointing"]:
+        fixes.append(f"{key}gradient_checkpointing: true (activations recomputed in the backward pass: "
+                     "slower steps, far less memory)")
+    if batch > 1:
+        smaller = batch // 2 if batch % 2 == 0 else 1
+        fixes.append(f"{key}batch_size: {smaller} with {key}gradient_accumulation_steps: "
+                     f"{accumulation * batch // smaller} (the same effective batch)")
+    if max_length > 8:  # the schema's minimum
+        fixes.append(f"{key}max_length: {max(8, max_length // 2)} (longer samples are truncated or dropped)")
+    if recipe.get("train_type", "lora") in LORA_TYPES and recipe.get("train_type") != "qlora":
+        dtype = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
+        fixes.append(f"{key}train_type: qlora (the frozen base in 4 bits instead of {dtype})")
+    asked = (f"out of GPU memory{where} after {trainer.state.global_step} of {trainer.args.max_steps} steps"
+             f"{f' (tried to allocate {tried[1]})' if tried else ''}: batch_size {batch} x gradient_accumulation_steps "
+             f"{accumulation} per device at max_length {max_length}.")
+    if not fixes:
+        return f"{asked} The recipe's memory keys are at their lowest: shard the model over several GPUs " \
+               f"({key}distributed.strategy: fsdp) or train a smaller one."
+    return f"{asked} Each of these needs less memory (config.yaml, cheapest first):\n  " + "\n  ".join(fixes)
 
 
 def run_record(trainer, result, resume: str | None, seconds: float, progress, cuda: bool, dtype_name: str) -> dict:
