@@ -2,8 +2,8 @@
 inputs, tokenizer), the model (loading, quantized bases, the train type's wrapping), the Trainer's
 arguments, progress and preemption, and the tail every run ends with (``run_trainer``: resume from
 the newest complete checkpoint, train, exit 75 on a preemption signal, advice when the GPU runs out
-of memory; ``run_record``: what
-training.json records of any run; ``save``: the output folder, atomically).
+of memory; ``run_record``: what training.json records of any run; ``save``: the output folder,
+atomically).
 
 A library, not a step: ``snaketune.train`` (pt, sft) and ``snaketune.align`` (dpo, ..., grpo)
 read top to bottom and call into it.
