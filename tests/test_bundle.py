@@ -198,7 +198,7 @@ def test_bundle_holds_everything_the_issue_lists(unpacked):
         assert (top / rel).is_file(), rel
     assert check_manifest(top) == []
     config = yaml.safe_load((top / "config.yaml").read_text())
-    assert config["study"] == STUDY and config["reproduce"] == {"include_weights": False,
+    assert config["study"] == STUDY and config["reproduce"] == {"include_weights": False, "include_local_data": True,
                                                                "tolerance": {"cpu": {}, "gpu": {}}}
     assert config["recipes"]["sft-lora"]["lora"]["dropout"] == 0.0  # schema defaults resolved
     # no weights by default; their hashes are there
@@ -333,3 +333,53 @@ def test_metric_outside_its_tolerance_fails_with_the_metric_named(bundle, unpack
     assert "FAIL" in line and "0.02" in line, line
     assert f"failing: {key}" in out
     assert f"eval/{MODEL}/sft-lora" not in out  # only the named target was re-run and compared
+
+
+def test_local_data_travels_with_the_bundle(tmp_path, monkeypatch):
+    """A study's local dataset files are carried in the bundle; verify's re-run reads those copies
+    in its own directory and the data step makes the same splits from them (the H100 verify of
+    configs/gpu-e2e.yaml stopped at a local dataset before). Without copies (include_local_data:
+    false), a missing or changed original is named before anything runs."""
+    import copy
+    import shutil
+
+    from snaketune.bundle import carry_local_data, local_data, place_local_data
+    from snaketune.data import prepare
+    from snaketune.schema import resolve
+
+    src = tmp_path / "src"
+    for split, n in (("train", 12), ("test", 3)):
+        (src / "data" / split).mkdir(parents=True)
+        (src / "data" / split / "chat.jsonl").write_text("".join(
+            json.dumps({"messages": [{"role": "user", "content": f"{split} {i}?"},
+                                     {"role": "assistant", "content": str(i)}]}) + "\n" for i in range(n)))
+    block = resolve("datasets", {"source": "local", "format": "messages", "path": "data/train/chat.jsonl",
+                                 "test_path": "data/test/chat.jsonl"})
+    config = {"datasets": {"chat": block, "arith": resolve("datasets", {"source": "synthetic"})}}
+    monkeypatch.chdir(src)
+    studied = prepare(block, src / "results/datasets/chat")["sha256"]
+    local = local_data(config)
+    assert set(local) == {"chat"} and set(local["chat"]["files"]) == {"train/chat.jsonl", "test/chat.jsonl"}
+    top = tmp_path / "bundle"
+    (top / "hashes").mkdir(parents=True)
+    (top / "hashes/inputs.json").write_text(json.dumps({"local_data": local}))
+    carry_local_data(local, top)
+    shutil.rmtree(src / "data")  # verify on another machine: the originals are not there
+
+    run_dir, rerun = tmp_path / "run", copy.deepcopy(config)
+    run_dir.mkdir()
+    assert place_local_data(top, rerun, run_dir) == []
+    assert rerun["datasets"]["chat"]["path"] == "inputs/datasets/chat/train/chat.jsonl"
+    monkeypatch.chdir(run_dir)  # Snakemake's --directory
+    assert prepare(rerun["datasets"]["chat"], run_dir / "results/datasets/chat")["sha256"] == studied
+
+    shutil.rmtree(top / "inputs")  # packed with include_local_data: false
+    (run_dir := tmp_path / "run2").mkdir()
+    (problem, _) = place_local_data(top, copy.deepcopy(config), run_dir)
+    assert f"dataset chat: {src / 'data/train/chat.jsonl'} is not on this machine" in problem
+    assert "include_local_data: false" in problem
+    for split in ("train", "test"):
+        (src / "data" / split).mkdir(parents=True)
+        (src / "data" / split / "chat.jsonl").write_text("{}\n")
+    problems = place_local_data(top, copy.deepcopy(config), run_dir)
+    assert len(problems) == 2 and "is not the file the study read" in problems[0]

@@ -12,6 +12,7 @@
     <study>/env/lock.json            Python, exact package versions, torch build, CUDA, GPU, driver
     <study>/env/requirements.lock    the package versions as pip pins
     <study>/hashes/inputs.json       sha256 of every input file: base model weights + tokenizer, datasets
+    <study>/inputs/datasets/<name>/  the local dataset files the study read (reproduce.include_local_data)
     <study>/hashes/artifacts.json    sha256 of every artifact under results/ (weights included)
     <study>/results/...              eval JSON, summary, training.json, manifests, benchmarks, logs,
                                      plots; weights only with --include-weights
@@ -45,6 +46,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_file
 from snaketune.errors import SnaketuneError, cli
+from snaketune.data import local_files
 from snaketune.files import hash_tree, sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -341,6 +343,58 @@ def inputs_hashes(results: Path, config: dict) -> dict:
     return {"models": models, "datasets": datasets}
 
 
+def local_data(config: dict) -> dict:
+    """The local dataset files the study read, per dataset: their common folder (``root``), each
+    file below it with its sha256, and the config's ``path``/``test_path`` below it (``keys``)."""
+    found = {}
+    for name, block in config.get("datasets", {}).items():
+        files = [Path(f).resolve() for f in local_files(block)]
+        if not files:
+            continue
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise SnaketuneError(f"dataset {name} read {missing[0]}, which is gone: the bundle cannot carry it. "
+                                 "Put it back, or pack without local data (reproduce.include_local_data: false; "
+                                 "the bundle then holds its sha256 only)")
+        keys = {k: Path(block[k]).expanduser().resolve() for k in ("path", "test_path") if block.get(k)}
+        root = Path(os.path.commonpath([p.parent for p in [*files, *keys.values()]]))
+        found[name] = {"root": str(root), "keys": {k: str(p.relative_to(root)) for k, p in keys.items()},
+                       "files": {str(f.relative_to(root)): sha256_file(f) for f in files}}
+    return found
+
+
+def carry_local_data(local: dict, top: Path) -> None:
+    """Copy the local dataset files (``local_data``) into the bundle, under ``inputs/datasets/<name>/``."""
+    for name, entry in local.items():
+        for rel in entry["files"]:
+            target = top / "inputs" / "datasets" / name / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(entry["root"], rel), target)
+
+
+def place_local_data(top: Path, config: dict, run_dir: Path) -> list[str]:
+    """Point the re-run's local datasets at the bundle's copies (under ``run_dir/inputs/datasets``),
+    or, for a bundle packed without them, at the original files, which must hold the bytes the study
+    read. Edits ``config``; returns the problems."""
+    problems = []
+    for name, entry in json.loads((top / "hashes" / "inputs.json").read_text()).get("local_data", {}).items():
+        block, carried = config["datasets"][name], top / "inputs" / "datasets" / name
+        if carried.is_dir():
+            shutil.copytree(carried, run_dir / "inputs" / "datasets" / name)
+            block.update({k: str(Path("inputs", "datasets", name, rel)) for k, rel in entry["keys"].items()})
+            continue
+        for rel, digest in entry["files"].items():
+            file = Path(entry["root"], rel)
+            if not file.is_file():
+                problems.append(f"dataset {name}: {file} is not on this machine, and the bundle holds only its "
+                                "sha256 (packed with reproduce.include_local_data: false): put the file there")
+            elif sha256_file(file) != digest:
+                problems.append(f"dataset {name}: {file} is not the file the study read (sha256 {digest[:12]} "
+                                f"in the bundle, {sha256_file(file)[:12]} here)")
+        block.update({k: str(Path(entry["root"], rel)) for k, rel in entry["keys"].items()})
+    return problems
+
+
 def flat_inputs(inputs: dict) -> dict[str, str]:
     return {path: digest for section in ("models", "datasets") for entry in inputs.get(section, {}).values()
             for path, digest in entry["files"].items()}
@@ -358,7 +412,7 @@ Packed {created} from snaketune commit `{commit}`{dirty}. Device: {device}.
 | `reproduce.json` | the {n_metrics} metrics to reproduce, and the tolerances they are compared with |
 | `code/source.tar.gz` | the workflow code at commit `{commit}` (`git archive`){diff_line} |
 | `env/lock.json`, `env/requirements.lock` | Python {python}, {n_packages} packages at exact versions, torch {torch}{gpu_line} |
-| `hashes/inputs.json` | sha256 of every input file: base model weights and tokenizer, dataset splits; with their sources |
+| `hashes/inputs.json` | sha256 of every input file: base model weights and tokenizer, dataset splits, local dataset files; with their sources |{inputs_line}
 | `hashes/artifacts.json` | sha256 of every artifact under `results/` (weights included) |
 | `results/` | eval JSON, `summary.md`/`summary.json`, `training.json` (loss per step), manifests, benchmarks, logs, plots{weights_line} |
 | `mlflow/runs.json` | the {n_runs} MLflow runs of the study: params, tags, metric histories |
@@ -418,8 +472,11 @@ def pack(config: dict, repo: Path, out: Path, results: Path = Path("results"), i
         (top / "env" / "requirements.lock").write_text(
             "".join(f"{k}=={v}\n" for k, v in env["packages"].items()))
         (top / "hashes").mkdir()
-        inputs = inputs_hashes(results, config)
+        inputs = {**inputs_hashes(results, config), "local_data": local_data(config)}
         (top / "hashes" / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+        carry_data = config["reproduce"]["include_local_data"] and inputs["local_data"]
+        if carry_data:
+            carry_local_data(inputs["local_data"], top)
         files = result_files(results)
         (top / "hashes" / "artifacts.json").write_text(json.dumps(
             {str(Path("results") / f): sha256_file(results / f) for f in files}, indent=2) + "\n")
@@ -476,6 +533,8 @@ def pack(config: dict, repo: Path, out: Path, results: Path = Path("results"), i
             weights_line=" and weights" if include_weights else
             f"; {weights_left} weight files left out (hashes in `hashes/`)",
             n_runs=len(runs["runs"]), report_line=report_note,
+            inputs_line="\n| `inputs/datasets/` | the local dataset files the study read (`path`, `test_path`, the images "
+                        "their rows name), as they were; verify re-runs from these |" if carry_data else "",
             summary=summary_md.read_text().strip() if summary_md.is_file() else "(no summary.md)",
             example_target=f"{model}/{'/'.join(variant)}/eval/{bench}.json",
             tol_line="on CPU: exact unless `reproduce.tolerance.cpu` says otherwise; on GPU: "
@@ -697,6 +756,12 @@ def verify(bundle: Path, targets: list[str] | None = None, workdir: Path | None 
         snakefile, pythonpath = root / "workflow" / "Snakefile", str(root / "scripts")
     run_dir = workdir / "run"
     run_dir.mkdir()
+    problems = place_local_data(top, config, run_dir)
+    if problems:
+        print("the re-run cannot start: a local dataset is missing or changed:", file=out)
+        for p in problems:
+            print(f"  {p}", file=out)
+        return EXIT_FAILED
     (run_dir / "config.yaml").write_text(_yaml(config))
     _init_tracking(run_dir)
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(run_dir),

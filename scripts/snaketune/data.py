@@ -27,6 +27,7 @@ from pathlib import Path
 
 from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
+from snaketune.files import user_files
 from snaketune.schema import resolve
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -565,6 +566,15 @@ def image_files(path: str | Path) -> list[str]:
             names += [p.get("image") for p in content if isinstance(p, dict)] if isinstance(content, list) else []
         found.update(str(file.parent / n) for n in names if isinstance(n, str) and (file.parent / n).is_file())
     return sorted(found)
+
+
+def local_files(block: dict) -> list[str]:
+    """Every file a ``local`` dataset block reads (``path``, ``test_path``, the images their rows
+    name); none for other sources."""
+    if block["source"] != "local":
+        return []
+    files = [f for key in ("path", "test_path") if block.get(key) for f in user_files(block[key])]
+    return files + [i for f in files for i in image_files(f)]
 
 
 def load_local(path: str, fmt: str, skip_bad_rows: bool = False, key: str = "path") -> tuple[list[dict], list[str]]:

@@ -34,6 +34,15 @@ def hash_tree(folder: str | os.PathLike, base: str | os.PathLike | None = None, 
             and (hidden or not any(p.startswith(".") for p in f.relative_to(folder).parts))}
 
 
+def user_files(path: str | os.PathLike) -> list[str]:
+    """The files of a path a user gave: the file itself, or every file of a folder (hidden ones
+    left out), sorted."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return sorted(str(f) for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    return [str(path)]
+
+
 def model_files(folder: str | os.PathLike) -> dict[str, str]:
     """sha256 of every file of a model folder but its RECORDS, so that a rerun (or a resumed run)
     that made the same files has the same hashes."""

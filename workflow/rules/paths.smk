@@ -3,7 +3,8 @@ find a job's inputs, and the targets of the study."""
 
 from types import SimpleNamespace
 
-from snaketune.data import image_files
+from snaketune.data import local_files
+from snaketune.files import user_files
 
 
 RESULTS = "results"
@@ -75,29 +76,17 @@ def quant_data(wildcards):
     return f"{RESULTS}/datasets/{quant_dataset(wildcards.quant)}"
 
 
-def _files(path):
-    """Inputs for a user path: the file itself, or every file of a folder (its mtime misses edits)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return sorted(str(f) for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
-    return [str(path)]
-
-
 def dataset_files(wildcards):
     """A local dataset's files (path, test_path, and the images their rows name): inputs of the data
     rule, so editing one reruns it."""
-    block = config["datasets"][wildcards.dataset]
-    if block["source"] != "local":
-        return []
-    files = [f for key in ("path", "test_path") if block.get(key) for f in _files(block[key])]
-    return files + [i for f in files for i in image_files(f)]
+    return local_files(config["datasets"][wildcards.dataset])
 
 
 def model_files(wildcards):
     """A local model folder's files or GGUF file: inputs of the fetch rule, so replacing the weights
     reruns it (a GGUF inside a Python package is pinned by its sha256 in source.json instead)."""
     block = config["models"][wildcards.model]
-    return _files(block["path"]) if block["source"] in ("local", "gguf") and block.get("path") else []
+    return user_files(block["path"]) if block["source"] in ("local", "gguf") and block.get("path") else []
 
 
 EVAL_MODULES = {"transformers": "evaluate", "evalscope": "evalscope_eval"}
