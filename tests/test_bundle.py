@@ -383,3 +383,36 @@ def test_local_data_travels_with_the_bundle(tmp_path, monkeypatch):
         (src / "data" / split / "chat.jsonl").write_text("{}\n")
     problems = place_local_data(top, copy.deepcopy(config), run_dir)
     assert len(problems) == 2 and "is not the file the study read" in problems[0]
+
+
+def test_a_local_model_is_found_from_another_directory(tmp_path, monkeypatch):
+    """A model given by a relative local path is re-run from its original (absolute) place; where
+    that is gone, from the bundle's copy of its folder if the bundle carries weights; else verify
+    names it before anything runs."""
+    import copy
+    import shutil
+
+    from snaketune.bundle import place_local_data
+
+    src = tmp_path / "src"
+    (src / "models/m").mkdir(parents=True)
+    (src / "models/m/config.json").write_text("{}")
+    monkeypatch.chdir(src)
+    config = {"models": {"m": {"source": "local", "path": "models/m"}, "t": {"source": "tiny"}}, "datasets": {}}
+    top = tmp_path / "bundle"
+    (top / "hashes").mkdir(parents=True)
+    (top / "hashes/inputs.json").write_text(json.dumps({"models": {
+        "m": {"resolved_path": str(src / "models/m"), "files": {}}, "t": {"files": {}}}}))
+    (run_dir := tmp_path / "run").mkdir()
+    rerun = copy.deepcopy(config)
+    assert place_local_data(top, rerun, run_dir) == [] and rerun["models"]["m"]["path"] == str(src / "models/m")
+    assert rerun["models"]["t"] == {"source": "tiny"}
+
+    shutil.rmtree(src / "models")
+    (problem,) = place_local_data(top, copy.deepcopy(config), run_dir)
+    assert f"model m: {src / 'models/m'} is not on this machine" in problem and "include_weights: true" in problem
+    (top / "results/m/base/model").mkdir(parents=True)
+    (top / "results/m/base/model/model.safetensors").write_bytes(b"weights")
+    rerun = copy.deepcopy(config)
+    assert place_local_data(top, rerun, run_dir) == [] and rerun["models"]["m"]["path"] == "inputs/models/m"
+    assert (run_dir / "inputs/models/m/model.safetensors").read_bytes() == b"weights"

@@ -47,7 +47,7 @@ from pathlib import Path
 from snaketune.atomic import atomic_file
 from snaketune.errors import SnaketuneError, cli
 from snaketune.data import local_files
-from snaketune.files import hash_tree, sha256_file
+from snaketune.files import RECORDS, hash_tree, sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 SKIP_DIRS = {"bundles", "cache", "mlartifacts", "checkpoints"}
@@ -333,6 +333,8 @@ def inputs_hashes(results: Path, config: dict) -> dict:
             models[name] = {"source": {k: block.get(k) for k in ("source", "repo", "revision", "path") if block.get(k)},
                             "source_json": json.loads(src.read_text()) if src.is_file() else None,
                             "files": hash_tree(folder, results, hidden=False)}
+            if block.get("path"):  # local or gguf: where it was, for a re-run in another directory
+                models[name]["resolved_path"] = str(Path(block["path"]).expanduser().resolve())
     datasets = {}
     for name, block in config.get("datasets", {}).items():
         folder = results / "datasets" / name
@@ -375,9 +377,25 @@ def carry_local_data(local: dict, top: Path) -> None:
 def place_local_data(top: Path, config: dict, run_dir: Path) -> list[str]:
     """Point the re-run's local datasets at the bundle's copies (under ``run_dir/inputs/datasets``),
     or, for a bundle packed without them, at the original files, which must hold the bytes the study
-    read. Edits ``config``; returns the problems."""
+    read; and its local models at their original path (absolute), else at the bundle's copy of the
+    fetched folder where it carries weights. Edits ``config``; returns the problems."""
     problems = []
-    for name, entry in json.loads((top / "hashes" / "inputs.json").read_text()).get("local_data", {}).items():
+    inputs = json.loads((top / "hashes" / "inputs.json").read_text())
+    for name, entry in inputs.get("models", {}).items():
+        if "resolved_path" not in entry:
+            continue
+        block, original = config["models"][name], Path(entry["resolved_path"])
+        carried = top / "results" / name / "base" / "model"
+        if original.exists():
+            block["path"] = str(original)
+        elif block["source"] == "local" and any(is_weight(f) for f in carried.glob("*")):
+            shutil.copytree(carried, run_dir / "inputs" / "models" / name)
+            block["path"] = str(Path("inputs", "models", name))
+        else:
+            problems.append(f"model {name}: {original} is not on this machine, and the bundle does not carry "
+                            "its weights (reproduce.include_weights: false): put it there, or use a bundle packed "
+                            "with include_weights: true")
+    for name, entry in inputs.get("local_data", {}).items():
         block, carried = config["datasets"][name], top / "inputs" / "datasets" / name
         if carried.is_dir():
             shutil.copytree(carried, run_dir / "inputs" / "datasets" / name)
@@ -788,7 +806,7 @@ def verify(bundle: Path, targets: list[str] | None = None, workdir: Path | None 
     # inputs (base model weights, tokenizer, datasets) must be byte-identical wherever rebuilt
     inputs_then = flat_inputs(json.loads((top / "hashes" / "inputs.json").read_text()))
     inputs_now = flat_inputs(inputs_hashes(run_dir / "results", config))
-    for path in sorted(set(inputs_then) & set(inputs_now)):
+    for path in sorted(p for p in set(inputs_then) & set(inputs_now) if Path(p).name not in RECORDS):
         same = inputs_then[path] == inputs_now[path]
         rows.append({"metric": f"input sha256 {path}", "bundled": inputs_then[path][:12], "new": inputs_now[path][:12],
                      "delta": None, "tol": "exact", "ok": same, "why": ""})
