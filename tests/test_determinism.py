@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, small_config, snakemake
+from conftest import small_config, snakemake
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-qwen2"

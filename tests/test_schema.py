@@ -1,9 +1,7 @@
 """Config validation: defaults are filled in, and a wrong key or type names the key."""
 
-import copy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
