@@ -113,14 +113,18 @@ def in_process_rows(folder: Path, tokens: int, reps: int, profile: bool) -> tupl
             worker.join()
         return run
 
-    def one_intra_op_thread(fn):
+    def one_intra_op_thread(fn):  # torch's count is process-wide: restored for the rows after this one
         def run():
+            before = torch.get_num_threads()
             torch.set_num_threads(1)
-            fn()
+            try:
+                fn()
+            finally:
+                torch.set_num_threads(before)
         return run
 
     jobs = queue.Queue()
-    threading.Thread(target=_run_jobs, args=(jobs, torch.get_num_threads()), daemon=True).start()
+    threading.Thread(target=_run_jobs, args=(jobs,), daemon=True).start()
 
     def in_long_lived_thread(fn):
         def run():

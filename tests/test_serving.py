@@ -192,3 +192,30 @@ def test_bench_vllm_cpu(models, variant, tmp_path, request):
     left = [p.pid for p in psutil.process_iter(["cmdline"])
             if p.info["cmdline"] and str(models / variant) in " ".join(p.info["cmdline"])]
     assert not left
+
+
+def test_engine_decodes_every_request_in_one_long_lived_thread(tiny_model, monkeypatch):
+    """A fresh thread per request decoded 4.5x slower than the main thread on an H100 machine
+    (benchmarks/results/2026-12-06-h100-serve-decode-3.md): every request runs in the same worker."""
+    import gc
+    import threading
+    import weakref
+
+    from snaketune.serve import TransformersEngine
+
+    engine = TransformersEngine(str(tiny_model), {"device": "cpu"})
+    threads, generate = [], engine.model.generate
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", recording)
+    ids = engine.encode_text("1+1=")
+    for _ in range(3):
+        assert sum(len(new) for new in engine.generate(ids, {"max_tokens": 2, "temperature": 0})) == 2
+    assert len(set(threads)) == 1 and threads[0] is not threading.main_thread() and threads[0].is_alive()
+    engine = weakref.ref(engine)  # an engine nobody holds is freed, and its worker ends
+    gc.collect()
+    threads[0].join(timeout=10)
+    assert engine() is None and not threads[0].is_alive()

@@ -317,14 +317,11 @@ class _QueueStreamer:
         self.q.put(None)
 
 
-def _run_jobs(jobs: queue.Queue, threads: int) -> None:
-    """The engine's worker: run each job handed over, until None. Torch's intra-op thread count is
-    set per thread (a new thread has OpenMP's default, every core), so it is set here again."""
-    import torch
-
-    torch.set_num_threads(threads)
+def _run_jobs(jobs: queue.Queue) -> None:
+    """The engine's worker: run each job handed over, until None."""
     while (job := jobs.get()) is not None:
         job()
+        del job  # it holds the engine: let an engine nobody uses be freed, which ends this loop
 
 
 class TransformersEngine:
@@ -352,7 +349,7 @@ class TransformersEngine:
         self.lock = threading.Lock()
         self.max_model_len = int(params.get("max_model_len", 2048))
         self.jobs: queue.Queue = queue.Queue()
-        threading.Thread(target=_run_jobs, args=(self.jobs, torch.get_num_threads()), name="snaketune-generate", daemon=True).start()
+        threading.Thread(target=_run_jobs, args=(self.jobs,), name="snaketune-generate", daemon=True).start()
         weakref.finalize(self, self.jobs.put, None)  # the worker ends with its engine
 
     def encode_chat(self, messages: list[dict], images: list | None = None) -> tuple[list[int], dict]:
