@@ -416,3 +416,29 @@ def test_a_local_model_is_found_from_another_directory(tmp_path, monkeypatch):
     rerun = copy.deepcopy(config)
     assert place_local_data(top, rerun, run_dir) == [] and rerun["models"]["m"]["path"] == "inputs/models/m"
     assert (run_dir / "inputs/models/m/model.safetensors").read_bytes() == b"weights"
+
+
+def test_pack_carries_a_local_dataset_and_says_so(tmp_path, monkeypatch):
+    """The bundle step itself (pack) copies a local dataset's files under inputs/datasets/, lists
+    them in MANIFEST.json and the README, and verify's placement finds them in the unpacked bundle."""
+    from conftest import ROOT
+    from snaketune.bundle import pack, place_local_data, unpack
+    from snaketune.data import prepare
+    from snaketune.schema import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/chat.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": str(i)}]}) + "\n" for i in range(8)))
+    block = resolve("datasets", {"source": "local", "format": "messages", "path": "data/chat.jsonl", "test_size": 2})
+    prepare(block, tmp_path / "results/datasets/chat")
+    config = {"study": STUDY, "models": {}, "datasets": {"chat": block},
+              "reproduce": {"include_weights": False, "include_local_data": True, "tolerance": {}},
+              "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+    pack(config, ROOT, tmp_path / "b.tar.gz", results=tmp_path / "results")
+    top = unpack(tmp_path / "b.tar.gz", tmp_path / "unpacked")
+    assert check_manifest(top) == [] and "inputs/datasets/chat/chat.jsonl" in (top / "MANIFEST.json").read_text()
+    assert sha256_file(top / "inputs/datasets/chat/chat.jsonl") == sha256_file(tmp_path / "data/chat.jsonl")
+    assert "`inputs/datasets/`" in (top / "README.md").read_text()
+    (run_dir := tmp_path / "run").mkdir()
+    assert place_local_data(top, config, run_dir) == [] and (run_dir / config["datasets"]["chat"]["path"]).is_file()
