@@ -51,3 +51,26 @@ def test_summary_report_and_bundle_read_the_records_names_not_their_paths(tmp_pa
                                         "train/m/sft.train_loss": 1.0, "train/m/sft.steps": 3,
                                         "train/m/sft.loss_history": [[3, 1.0]]}
     assert [r["name"] for r in training_runs([str(results / "x" / "y" / "adapter")])] == ["m/sft"]
+
+
+def test_running_out_of_gpu_memory_names_the_bench_key(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
+    """A generation that runs out of GPU memory ends as advice naming the bench's batch_size, and
+    no eval JSON is written."""
+    import pytest
+    import torch
+
+    import snaketune.evaluate as step
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(step, "generate", out_of_memory)
+    out = tmp_path / "eval" / "arith.json"
+    with pytest.raises(SystemExit) as stop:
+        step.main(["--model", str(tiny_model), "--data", str(tiny_data), "--out", str(out), "--variant", "base",
+                   "--model-name", "tiny", "--params", json.dumps({"name": "arith", "metric": "contains",
+                                                                    "batch_size": 16, "max_new_tokens": 4})])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert "out of GPU memory generating answers for 20 prompts, 16 at a time" in err
+    assert "set benches.arith.batch_size: 8 in the config" in err and not out.exists()

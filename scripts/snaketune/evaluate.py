@@ -72,19 +72,28 @@ def generate(model_dir: str | Path, prompts: list[list[dict]], max_new_tokens: i
 
 def evaluate(model_dir: str, data_dir: str, params: dict) -> dict:
     """Run the benchmark described by ``params`` (a benches block) on ``model_dir``; returns the eval record."""
+    import torch
+
     params = resolve("benches", params)
     metric = params["metric"]
     if metric not in METRICS:
         raise SnaketuneError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     cases = load_cases(Path(data_dir), params["split"], params.get("limit"))
     t0 = time.time()
-    if any(c[2] for c in cases):
-        check_weights(model_dir, "evaluate")
-        vision.check_model(model_dir, [Path(data_dir) / f"{params['split']}.jsonl"])
-        preds = vision.generate(model_dir, [c[0] for c in cases], [c[2] for c in cases],
-                                params["max_new_tokens"], params["batch_size"])
-    else:
-        preds = generate(model_dir, [c[0] for c in cases], params["max_new_tokens"], params["batch_size"])
+    try:
+        if any(c[2] for c in cases):
+            check_weights(model_dir, "evaluate")
+            vision.check_model(model_dir, [Path(data_dir) / f"{params['split']}.jsonl"])
+            preds = vision.generate(model_dir, [c[0] for c in cases], [c[2] for c in cases],
+                                    params["max_new_tokens"], params["batch_size"])
+        else:
+            preds = generate(model_dir, [c[0] for c in cases], params["max_new_tokens"], params["batch_size"])
+    except torch.OutOfMemoryError as err:
+        key, batch = f"benches.{params.get('name') or '<name>'}", params["batch_size"]
+        fix = (f"set {key}.batch_size: {batch // 2} in the config" if batch > 1 else
+               f"lower {key}.max_new_tokens, or evaluate on a GPU with more memory")
+        raise SnaketuneError(f"out of GPU memory generating answers for {len(cases)} prompts, {batch} at a time, "
+                             f"up to {params['max_new_tokens']} new tokens each: {fix}") from err
     hits = [METRICS[metric](p, c[1]) for p, c in zip(preds, cases)]
     return {
         "bench": params.get("name"),
