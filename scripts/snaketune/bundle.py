@@ -406,9 +406,9 @@ def place_local_data(top: Path, config: dict, run_dir: Path) -> list[str]:
             if not file.is_file():
                 problems.append(f"dataset {name}: {file} is not on this machine, and the bundle holds only its "
                                 "sha256 (packed with reproduce.include_local_data: false): put the file there")
-            elif sha256_file(file) != digest:
+            elif (here := sha256_file(file)) != digest:
                 problems.append(f"dataset {name}: {file} is not the file the study read (sha256 {digest[:12]} "
-                                f"in the bundle, {sha256_file(file)[:12]} here)")
+                                f"in the bundle, {here[:12]} here)")
         block.update({k: str(Path(entry["root"], rel)) for k, rel in entry["keys"].items()})
     return problems
 
@@ -776,7 +776,7 @@ def verify(bundle: Path, targets: list[str] | None = None, workdir: Path | None 
     run_dir.mkdir()
     problems = place_local_data(top, config, run_dir)
     if problems:
-        print("the re-run cannot start: a local dataset is missing or changed:", file=out)
+        print("the re-run cannot start: a local dataset or model is missing or changed:", file=out)
         for p in problems:
             print(f"  {p}", file=out)
         return EXIT_FAILED

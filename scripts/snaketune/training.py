@@ -28,7 +28,7 @@ from snaketune import vision
 from snaketune.atomic import write_json
 from snaketune.errors import SnaketuneError
 from snaketune.registry import FULL_TYPES, LORA_TYPES
-from snaketune.schema import resolve
+from snaketune.schema import block_schema, resolve
 
 BASE_REWRITING = ("pissa", "olora")  # their init rewrites the base weights (see keep_initial_adapter)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpoint written, rerun to resume
@@ -622,9 +622,10 @@ def oom_advice(err, trainer, recipe: dict, name: str | None, cuda: bool) -> str:
         smaller = batch // 2 if batch % 2 == 0 else 1
         fixes.append(f"{key}batch_size: {smaller} with {key}gradient_accumulation_steps: "
                      f"{accumulation * batch // smaller} (the same effective batch)")
-    if max_length > 8:  # the schema's minimum
-        fixes.append(f"{key}max_length: {max(8, max_length // 2)} (longer samples are truncated or dropped)")
-    if recipe.get("train_type", "lora") in LORA_TYPES and recipe.get("train_type") != "qlora":
+    shortest = block_schema("recipes.max_length")["minimum"]
+    if max_length > shortest:
+        fixes.append(f"{key}max_length: {max(shortest, max_length // 2)} (longer samples are truncated or dropped)")
+    if recipe["train_type"] in LORA_TYPES and recipe["train_type"] != "qlora":
         dtype = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
         fixes.append(f"{key}train_type: qlora (the frozen base in 4 bits instead of {dtype})")
     asked = (f"out of GPU memory{where} after {trainer.state.global_step} of {trainer.args.max_steps} steps"
