@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snaketune.bundle import (EXIT_NEEDS_CONSENT, check_manifest, compare, env_differences, environment, sha256_file, table,
-                              tolerance_for, write_tar)
+from snaketune.bundle import (EXIT_NEEDS_CONSENT, check_manifest, compare, env_differences, environment, rerun_targets,
+                              sha256_file, table, tolerance_for, write_tar)
 from snaketune.bundle import verify as verify_in_process
 from conftest import Background, finished_study
 from test_determinism import MODEL
@@ -230,6 +230,37 @@ def test_bundle_holds_everything_the_issue_lists(unpacked):
     assert "python -m snaketune.bundle verify" in readme and "| sft-lora |" in readme
     report = (top / "report.html").read_text()
     assert "loss.png" in report and "eval_scores.png" in report
+
+
+@pytest.mark.slow
+def test_a_whole_study_rerun_builds_every_artifact_the_bundle_has_numbers_of(unpacked, tmp_path):
+    """A study may train a model outside its evaluation grid (an extra target, as configs/gpu-e2e.yaml's
+    7B LoRA): the H100 verify of 2026-12-06 re-ran only `all` and found those numbers missing. The
+    re-run's targets name each artifact a number comes from, and Snakemake knows every one of them."""
+    import shutil
+
+    from conftest import snakemake
+
+    results = tmp_path / "results"
+    shutil.copytree(unpacked / "results", results)
+    extra = results / MODEL / "sft-extra" / "adapter"
+    extra.mkdir(parents=True)
+    shutil.copy(results / MODEL / "sft-lora" / "adapter" / "training.json", extra / "training.json")
+    (results / MODEL / "sft-lora" / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    targets = rerun_targets(results)
+    assert targets[0] == "all"
+    assert {f"results/{MODEL}/sft-lora/adapter", f"results/{MODEL}/sft-extra/adapter",
+            f"results/{MODEL}/base/eval/arith.json", f"results/{MODEL}/sft-lora/eval/arith.json"} <= set(targets)
+    assert not [t for t in targets if "checkpoints" in t or "benchmarks" in t or "logs" in t]
+
+    work = tmp_path / "dry"
+    work.mkdir()
+    config = yaml.safe_load((unpacked / "config.yaml").read_text())
+    config["recipes"]["sft-extra"] = config["recipes"]["sft-lora"]
+    (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    dry = snakemake(work, "-n", *targets, timeout=300)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    assert "train_adapter" in dry.stdout
 
 
 def verify_small_study() -> tuple[Path, subprocess.CompletedProcess]:

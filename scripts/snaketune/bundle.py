@@ -76,6 +76,25 @@ def is_weight(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------- metrics
 
+def metric_files(results: Path) -> tuple[list[Path], list[Path]]:
+    """The files a study's reproducible numbers come from: its eval JSONs and the ``training.json``
+    of every trained adapter or model folder (those of extra targets outside the evaluation grid too)."""
+    evals = [path for path in sorted(results.glob("*/**/eval/*.json"))
+             if not _skipped(path.relative_to(results))
+             and path.relative_to(results).parts[0] not in ("datasets", "benchmarks", "logs", "bundles", "report")]
+    trained = [path for path in sorted(results.glob("*/*/*/training.json"))
+               if path.relative_to(results).parts[2] in ("adapter", "model")]
+    return evals, trained
+
+
+def rerun_targets(results: Path) -> list[str]:
+    """What a whole-study re-run must build to rebuild every number of the bundle: the default target
+    and each artifact a number comes from (a study may have trained one as an extra target)."""
+    evals, trained = metric_files(results)
+    return ["all", *(f"results/{p.relative_to(results).as_posix()}" for p in evals),
+            *(f"results/{p.parent.relative_to(results).as_posix()}" for p in trained)]
+
+
 def collect_metrics(results: Path) -> dict[str, object]:
     """Every reproducible number of a study, by name.
 
@@ -84,18 +103,13 @@ def collect_metrics(results: Path) -> dict[str, object]:
     (the logged loss per step). Durations and throughput are not reproducible and not compared.
     """
     metrics: dict[str, object] = {}
-    for path in sorted(results.glob("*/**/eval/*.json")):
-        rel = path.relative_to(results)
-        if _skipped(rel) or rel.parts[0] in ("datasets", "benchmarks", "logs", "bundles", "report"):
-            continue
+    evals, trained = metric_files(results)
+    for path in evals:
         rec = json.loads(path.read_text())
         name = f"eval/{rec['model']}/{rec['variant']}/{rec['bench']}"
         metrics[f"{name}.{rec['metric']}"] = rec["score"]
         metrics[f"{name}.n"] = rec["n"]
-    for path in sorted(results.glob("*/*/*/training.json")):
-        rel = path.relative_to(results)
-        if rel.parts[2] not in ("adapter", "model"):
-            continue
+    for path in trained:
         rec = json.loads(path.read_text())
         name = f"train/{rec['model']}/{rec['recipe']}"
         for key in TRAINING_METRICS:
@@ -783,7 +797,8 @@ def verify(bundle: Path, targets: list[str] | None = None, workdir: Path | None 
     (run_dir / "config.yaml").write_text(_yaml(config))
     _init_tracking(run_dir)
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(run_dir),
-           "--configfile", str(run_dir / "config.yaml"), "--cores", str(cores), *(targets or [])]
+           "--configfile", str(run_dir / "config.yaml"), "--cores", str(cores),
+           *(targets or rerun_targets(top / "results"))]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
            "PYTHONPATH": pythonpath + (f":{os.environ['PYTHONPATH']}" if os.environ.get("PYTHONPATH") else "")}
     env.pop("MLFLOW_TRACKING_URI", None)
