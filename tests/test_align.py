@@ -343,7 +343,7 @@ def test_lora_family_reference_and_resume(train_type, sft_model, arith, tmp_path
     """DoRA trains against the adapter-disabled base; PiSSA (which rewrites the base weights) against
     a frozen copy of its initial adapter, which is not saved. A rerun resumes from the checkpoint."""
     recipe = {"stage": "dpo", "train_type": train_type, "learning_rate": 1e-3, "batch_size": 4, "max_steps": 3,
-              "save_steps": 1, "logging_steps": 1, "seed": 0}
+              "save_steps": 1, "logging_steps": 1, "seed": 0, "keep_checkpoints": True}
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     first = align(str(sft_model), [str(arith)], recipe, str(out), str(ckpt), MemoryRun())
     assert first["reference"] == {"dora": "base with the adapter disabled",
@@ -371,7 +371,7 @@ def test_a_resumed_alignment_counts_tokens_from_its_checkpoint(tiny_model, arith
     """A resumed run's tokens are those of the whole run, as if it had not stopped, and its steady
     tokens/s is positive (DPO counted this session's tokens only: -600 tok/s after a resume)."""
     recipe = {"stage": "dpo", "train_type": "lora", "learning_rate": 5e-6, "batch_size": 4, "max_steps": 4,
-              "save_steps": 2, "logging_steps": 1, "seed": 0}
+              "save_steps": 2, "logging_steps": 1, "seed": 0, "keep_checkpoints": True}
     ckpt = tmp_path / "ckpt"
     first = align(str(tiny_model), [str(arith)], recipe, str(tmp_path / "out"), str(ckpt))
     shutil.rmtree(ckpt / "checkpoint-4")  # as if the job had been killed before its last checkpoint

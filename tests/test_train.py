@@ -113,7 +113,7 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_one_before(broken, tiny_mo
     warning and the run resumes from the previous one, ending where an unbroken run ends."""
     from safetensors.torch import load_file
 
-    recipe = {**RECIPE, "train_type": "lora", "max_steps": 12, "save_steps": 4}
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 12, "save_steps": 4, "keep_checkpoints": True}
     ref, ckpt = tmp_path / "ref", tmp_path / "ckpt"
     train(str(tiny_model), [str(tiny_data)], recipe, str(ref), str(ckpt))
     newest = ckpt / "checkpoint-12"
@@ -200,6 +200,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(sig, tiny_model, tiny_data,
     logged = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
     assert {4, 8, 12, 36, 40} <= logged  # before the stop and after the resume
     assert not (ckpt / "mlflow_run.json").exists()  # a later training is a new run
+    assert not ckpt.exists() and "deleted the checkpoints" in done.stdout  # finished: resume state is only disk
     a, b = load_file(ref / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
@@ -426,7 +427,7 @@ def test_base_rewriting_adapters_are_saved_as_plain_lora_on_the_original_base(tr
 
     from snaketune.training import wrap_model
 
-    recipe = {**RECIPE, "train_type": train_type, "lora": {"r": 4, "alpha": 8}}
+    recipe = {**RECIPE, "train_type": train_type, "lora": {"r": 4, "alpha": 8}, "keep_checkpoints": True}
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     summary = train(str(tiny_model), [str(tiny_data)], recipe, str(out), str(ckpt))
     config = json.loads((out / "adapter_config.json").read_text())
@@ -489,7 +490,7 @@ def test_half_precision_recipes_train_on_cpu(dtype, tiny_model, tiny_data, tmp_p
 def test_checkpoints_of_another_recipe_are_not_resumed(tiny_model, tiny_data, tmp_path, capsys):
     """A rerun with a changed recipe key starts over (the old checkpoints are removed, with the
     reason printed); a rerun with the same recipe resumes."""
-    recipe = {**RECIPE, "train_type": "lora", "max_steps": 8, "save_steps": 4}
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 8, "save_steps": 4, "keep_checkpoints": True}
     ckpt = tmp_path / "ckpt"
     train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "a"), str(ckpt))
     again = train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "b"), str(ckpt))

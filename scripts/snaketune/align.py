@@ -46,8 +46,8 @@ from snaketune.files import read_jsonl, record_names
 from snaketune.registry import LORA_TYPES, STAGES
 from snaketune.schema import block_schema, resolve
 from snaketune.tracking import NullRun
-from snaketune.training import (Preempted, keep_initial_adapter, load_model, make_callback, parameter_counts,
-                                run_record, run_trainer, save, saved_dtype, start,
+from snaketune.training import (Preempted, drop_checkpoints, keep_initial_adapter, load_model, make_callback,
+                                parameter_counts, run_record, run_trainer, save, saved_dtype, start,
                                 step_parser, total_steps, tracking_resume,
                                 trainer_args, wrap_model)
 
@@ -628,6 +628,7 @@ def align(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     # the full model is saved in its base's dtype; shards gathered, rank 0 renames into place
     save(trainer, tokenizer, summary, Path(out), initial_adapter, saved_dtype(base, recipe),
          processing.image_processor if with_images else None)
+    drop_checkpoints(trainer, setup.checkpoints, recipe)
     return summary
 
 

@@ -23,8 +23,8 @@ from snaketune.atomic import atomic_dir, write_json
 from snaketune.errors import SnaketuneError, cli
 from snaketune.files import read_jsonl, record_names, sha256_file
 from snaketune.schema import resolve
-from snaketune.training import (Preempted, keep_initial_adapter, load_model, make_callback, parameter_counts,
-                                run_record, run_trainer, save, saved_dtype, start,
+from snaketune.training import (Preempted, drop_checkpoints, keep_initial_adapter, load_model, make_callback,
+                                parameter_counts, run_record, run_trainer, save, saved_dtype, start,
                                 step_parser, total_steps, tracking_resume,
                                 trainer_args, wrap_model)
 
@@ -310,6 +310,7 @@ def train(base: str, data: list[str], recipe: dict, out: str, checkpoints: str |
     }
     save(trainer, tokenizer, summary, Path(out), initial_adapter, saved_dtype(base, recipe),
          images.processor if images else None)
+    drop_checkpoints(trainer, setup.checkpoints, recipe)
     return summary
 
 

@@ -521,6 +521,17 @@ def save(trainer, tokenizer, summary: dict, out: Path, initial_adapter: Path | N
     trainer.accelerator.wait_for_everyone()
 
 
+def drop_checkpoints(trainer, checkpoints: Path, recipe: dict) -> None:
+    """Once the final model is in place its checkpoints only resume a run that has ended: delete
+    them (rank 0) unless the recipe says ``keep_checkpoints``."""
+    if recipe["keep_checkpoints"] or not trainer.is_world_process_zero() or not checkpoints.exists():
+        return
+    size = sum(f.stat().st_size for f in checkpoints.rglob("*") if f.is_file())
+    shutil.rmtree(checkpoints)
+    print(f"deleted the checkpoints ({size / 2**30:.2f} GiB in {checkpoints}): the run is finished; "
+          "keep_checkpoints: true keeps them", flush=True)
+
+
 def single_process_group() -> None:
     """FSDP and DeepSpeed need a process group even on one GPU: make this process rank 0 of 1."""
     import socket
