@@ -145,7 +145,7 @@ def test_a_checkpoint_is_checked_as_it_is_written(tiny_model, tiny_data, tmp_pat
             f.write_bytes(f.read_bytes()[:100])
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", short_save)
-    recipe = {**RECIPE, "train_type": "lora", "max_steps": 12, "save_steps": 4}
+    recipe = {**RECIPE, "train_type": "lora", "max_steps": 12, "save_steps": 4, "keep_checkpoints": True}
     train(str(tiny_model), [str(tiny_data)], recipe, str(tmp_path / "out"), str(tmp_path / "ckpt"))
     err = capfd.readouterr().err
     assert "checkpoint-8 is broken (adapter_model.safetensors" in err and "training goes on" in err
