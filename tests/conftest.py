@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -132,15 +131,11 @@ class Study:
         self._lock = threading.Lock()  # waited for by tests and by background work that needs it
 
     def start(self) -> "Study":
-        STARTED.append(self)
         init_tracking(self.work)
         self.log = open(self.work / "snakemake.out", "w+")
         self.proc = subprocess.Popen(snakemake_cmd(self.work, *self.targets), env=workflow_env(), cwd=self.work,
                                      stdout=self.log, stderr=subprocess.STDOUT, text=True)
         return self
-
-    def done(self) -> bool:
-        return self.proc is None or self.proc.poll() is not None
 
     def wait(self, timeout: int = 2400) -> subprocess.CompletedProcess:
         with self._lock:
@@ -168,18 +163,6 @@ def _studies() -> dict:
 
 
 STUDIES: dict[str, Study] = {}
-STARTED: list = []  # background work in the order it started: studies and Background threads
-
-
-def wait_for_other_background(me, limit_s: int = 2400, poll_s: float = 5) -> None:
-    """Wait until every other piece of background work has ended (or ``limit_s`` passed). The
-    studies, the Slurm run and the bundle verify keep both cores busy for the first ~23 minutes of a
-    CI run, while the foreground tests of the last ~19 left one core idle (2026-12-06: 0.5 busy):
-    work that can wait starts then and fills that core."""
-    deadline = time.monotonic() + limit_s
-    time.sleep(poll_s)  # background work is started in one loop at collection: let the rest of it begin
-    while time.monotonic() < deadline and not all(job.done() for job in list(STARTED) if job is not me):
-        time.sleep(poll_s)
 
 
 # fixtures that wait for work started in the background (here and in test modules' background_start);
@@ -235,13 +218,9 @@ class Background:
 
     def start(self) -> "Background":
         if self.thread is None:
-            STARTED.append(self)
             self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self.thread.start()
         return self
-
-    def done(self) -> bool:
-        return self.thread is None or not self.thread.is_alive()
 
     def join_if_started(self) -> None:
         if self.thread is not None:

@@ -4,8 +4,7 @@ this machine's kernels fails here before it fails on someone else's machine.
 Another CPU (AVX-512 instead of AVX2, or plain x86-64) rounds differently, and tiny-model training
 turns rounding into a different model. ``pytest -m learning`` runs in a subprocess with
 ``ATEN_CPU_CAPABILITY`` forced to a capability that is not this machine's own (avx2 on an AVX-512
-machine, default otherwise), in the background once the other background work (studies, the Slurm
-run, the bundle verify) has ended, so that it fills the core the foreground tests leave idle then.
+machine, default otherwise), in the background from collection on, beside the other tests.
 benchmarks/robustness.py runs the full sweep (capabilities x seeds) with the margins.
 
 ``SNAKETUNE_ROBUSTNESS=0`` skips it (it adds one more run of every learning test, the demo study
@@ -18,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, Background, wait_for_other_background
+from conftest import ROOT, Background
 
 
 def other_capability() -> str:
@@ -29,7 +28,6 @@ def other_capability() -> str:
 
 
 def learning_under_other_capability() -> tuple[str, subprocess.CompletedProcess]:
-    wait_for_other_background(OTHER)
     cap = other_capability()
     env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
     env.pop("PYTEST_CURRENT_TEST", None)
@@ -63,26 +61,3 @@ def test_learning_outcomes_hold_under_another_cpu_capability(learning_elsewhere)
     print(f"ATEN_CPU_CAPABILITY={cap}: {out.strip().splitlines()[-1] if out.strip() else ''}")
     assert result.returncode == 0, f"learning tests fail under ATEN_CPU_CAPABILITY={cap}:\n{out[-6000:]}"
     assert " passed" in out and " deselected" in out
-
-
-def test_work_that_can_wait_starts_once_the_other_background_work_has_ended(monkeypatch):
-    """The second learning run waits for the studies and threads started beside it, whichever
-    started first, and a deadline bounds the wait."""
-    import time
-
-    import conftest
-
-    monkeypatch.setattr(conftest, "STARTED", [])
-    order = []
-    later = Background("later", lambda: (wait_for_other_background(later, poll_s=0.05), order.append("later")))
-    first = Background("first", lambda: (time.sleep(0.5), order.append("first")))
-    later.start()
-    first.start()
-    later.wait()
-    assert order == ["first", "later"]
-
-    stuck = Background("stuck", lambda: time.sleep(3))
-    stuck.start()
-    t0 = time.monotonic()
-    wait_for_other_background(None, limit_s=0.3, poll_s=0.05)
-    assert time.monotonic() - t0 < 2 and not stuck.done()
