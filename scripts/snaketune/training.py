@@ -522,8 +522,8 @@ def save(trainer, tokenizer, summary: dict, out: Path, initial_adapter: Path | N
 
 
 def drop_checkpoints(trainer, checkpoints: Path, recipe: dict) -> None:
-    """Once the final model is in place its checkpoints only resume a run that has ended: delete
-    them (rank 0) unless the recipe says ``keep_checkpoints``."""
+    """Delete the run's checkpoint folder (rank 0) once the final model is in place, unless the
+    recipe says ``keep_checkpoints``: a finished run has nothing left to resume."""
     if recipe["keep_checkpoints"] or not trainer.is_world_process_zero() or not checkpoints.exists():
         return
     size = sum(f.stat().st_size for f in checkpoints.rglob("*") if f.is_file())
