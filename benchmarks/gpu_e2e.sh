@@ -10,8 +10,8 @@
 # $OUT. benchmarks/gpu_e2e_table.py turns that into the stage table. A rerun resumes (Snakemake
 # skips finished jobs). SNAKETUNE_E2E_LIMIT bounds Snakemake's wall time (seconds, default 520).
 # E2E_VERIFY="BUNDLE [TARGET ...]" then re-runs the bundle with `snaketune.bundle verify` on the same GPU.
-# The re-run needs the study's disk again (configs/gpu-e2e.yaml: 44 GB; an H100 machine has ~66 GB
-# free): there, verify in a fresh call from the bundle carried in (2026-12-06-h100-e2e-verify.md).
+# The re-run needs the study's disk again (configs/gpu-e2e.yaml: 26 GB; an H100 machine has ~64 GB
+# free) and about 6.5 minutes: verify in the next call (2026-12-06-h100-e2e-verify-2.md).
 set -u
 OUT=${OUT:?set OUT to a folder for the logs}
 mkdir -p "$OUT"
