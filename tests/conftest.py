@@ -104,13 +104,14 @@ def init_tracking(workdir: Path) -> None:
 
 
 def small_config() -> dict:
-    """config.yaml shrunk to about two minutes on two shared cores (pt 2 epochs, LoRA SFT 20 steps,
-    variants base and sft-lora, 50 eval samples, a short serving run); seeds and all else as is."""
+    """config.yaml shrunk to about two minutes on two shared cores (pt 2 epochs, LoRA SFT 20 steps
+    with a checkpoint at step 10, variants base and sft-lora, 50 eval samples, a short serving run);
+    seeds and all else as is."""
     import yaml
 
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     config["recipes"]["pt"].update(epochs=2, logging_steps=5)
-    config["recipes"]["sft-lora"].update(max_steps=20, logging_steps=5)
+    config["recipes"]["sft-lora"].update(max_steps=20, logging_steps=5, save_steps=10)
     config["benches"]["arith"]["limit"] = 50
     config["evaluation"]["variants"] = ["base", "sft-lora"]
     config["serving"].update(variants=["sft-lora"], concurrency=[1, 2], requests=4)
@@ -158,8 +159,7 @@ def _studies() -> dict:
     if LEARNING_SEED:
         default = yaml.safe_dump({**yaml.safe_load(default), "seed": LEARNING_SEED}, sort_keys=False)
     return {"default_study": lambda: Study("default", default),
-            "small_study": lambda: Study("small-a", small, "bundle"),  # bundle: plots and the bundle too
-            "small_study_b": lambda: Study("small-b", small)}
+            "small_study": lambda: Study("small-a", small, "bundle")}  # bundle: plots and the bundle too
 
 
 STUDIES: dict[str, Study] = {}
@@ -167,7 +167,7 @@ STUDIES: dict[str, Study] = {}
 
 # fixtures that wait for work started in the background (here and in test modules' background_start);
 # `toy` (test_slurm) waits for the Slurm run to leave the test cluster free
-WAITS_FOR_BACKGROUND = {"default_study", "small_study", "small_study_b", "verified", "slurm_default_run", "toy",
+WAITS_FOR_BACKGROUND = {"default_study", "small_study", "small_study_rerun", "slurm_small_run", "toy",
                         "learning_elsewhere"}
 
 
@@ -186,6 +186,8 @@ def pytest_collection_finish(session):
     for name, make in _studies().items():
         if name in wanted:
             STUDIES[name] = make().start()
+    if "small_study_rerun" in wanted:
+        RERUN.start()
     for module in {item.module for item in session.items if hasattr(item, "module")}:
         if hasattr(module, "background_start"):
             module.background_start(wanted)
@@ -201,6 +203,8 @@ def pytest_sessionfinish(session, exitstatus):
             study.proc.wait(60)
         if exitstatus == 0:
             shutil.rmtree(study.work, ignore_errors=True)
+    if exitstatus == 0 and RERUN.result is not None:
+        shutil.rmtree(RERUN.result[0], ignore_errors=True)
 
 
 class Background:
@@ -260,10 +264,30 @@ def small_study() -> Path:
     return finished_study("small_study").work
 
 
+def rerun_small_study() -> tuple[Path, subprocess.CompletedProcess]:
+    """`snaketune.bundle verify` of the small study's bundle in a fresh directory: it waits for the
+    small study, checks the bundle, re-runs the study from the bundled code and config and compares
+    every number. Started in the background at collection; the re-run is the second run of the
+    determinism tests, and its verdict is what the bundle tests check."""
+    import tempfile
+
+    work = finished_study("small_study").work
+    tmp = Path(tempfile.mkdtemp(prefix="snaketune-verify-"))
+    bundle = work / f"results/bundles/{small_config()['study']}.tar.gz"
+    result = subprocess.run([sys.executable, "-m", "snaketune.bundle", "verify", str(bundle), "--workdir",
+                             str(tmp / "verify"), "--run-bundle-code"], capture_output=True, text=True, timeout=1500)
+    return tmp, result
+
+
+RERUN = Background("small-study-rerun", rerun_small_study)
+
+
 @pytest.fixture(scope="session")
-def small_study_b() -> Path:
-    """A second run of the small study in another directory, for the determinism tests."""
-    return finished_study("small_study_b").work
+def small_study_rerun() -> tuple[Path, subprocess.CompletedProcess]:
+    """(the re-run's study folder, verify's result): the small study re-run from its bundle in a
+    fresh directory by `snaketune.bundle verify`. Do not modify it."""
+    tmp, result = RERUN.wait()
+    return tmp / "verify" / "run", result
 
 
 def copy_study(src: Path, dest: Path) -> Path:

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ import yaml
 from snaketune.bundle import (EXIT_NEEDS_CONSENT, check_manifest, compare, env_differences, environment, rerun_targets,
                               sha256_file, table, tolerance_for, write_tar)
 from snaketune.bundle import verify as verify_in_process
-from conftest import Background, finished_study
 from test_determinism import MODEL
 
 STUDY = "demo"
@@ -263,31 +261,11 @@ def test_a_whole_study_rerun_builds_every_artifact_the_bundle_has_numbers_of(unp
     assert "train_adapter" in dry.stdout
 
 
-def verify_small_study() -> tuple[Path, subprocess.CompletedProcess]:
-    """`verify` of the small study's bundle in a clean directory, run in the background from
-    collection on (``background_start``): it waits for the small study, then re-runs it from the
-    bundle while the other tests go on."""
-    work = finished_study("small_study").work
-    tmp = Path(tempfile.mkdtemp(prefix="snaketune-verify-"))
-    return tmp, verify(work / f"results/bundles/{STUDY}.tar.gz", tmp / "verify")
-
-
-VERIFY = Background("bundle-verify", verify_small_study)
-
-
-def background_start(wanted: set[str]) -> None:
-    """Called by conftest.py once the tests are collected, with every fixture they use."""
-    if "verified" in wanted:
-        VERIFY.start()
-
-
 @pytest.fixture(scope="module")
-def verified():
-    import shutil
-
-    tmp, result = VERIFY.wait()
-    yield result
-    shutil.rmtree(tmp, ignore_errors=True)
+def verified(small_study_rerun):
+    """verify's result for the small study's bundle (conftest.small_study_rerun, run in the
+    background from collection on)."""
+    return small_study_rerun[1]
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@ metrics, loss curves, summary tables and weights (base model, full fine-tune, Lo
 
 The study is config.yaml shrunk to about two minutes on two shared cores (pt 2 epochs, LoRA SFT 20
 steps, variants base and sft-lora, 50 eval samples); everything else, seeds included, is the
-default config (``conftest.small_config``); both runs start in the background at collection.
+default config (``conftest.small_config``). The first run starts in the background at collection;
+the second is its re-run from its bundle by `snaketune.bundle verify` in a fresh directory
+(``conftest.small_study_rerun``), which the bundle tests check too.
 """
 
 import hashlib
@@ -30,8 +32,10 @@ def eval_metrics(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_runs(small_study, small_study_b):
-    return small_study, small_study_b
+def two_runs(small_study, small_study_rerun):
+    rerun, result = small_study_rerun
+    assert (rerun / "results/summary.md").is_file(), (result.stdout + result.stderr)[-6000:]
+    return small_study, rerun
 
 
 def test_eval_json_metrics_are_identical(two_runs):
