@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, Background
+from conftest import ROOT, Background, in_background
 
 
 def other_capability() -> str:
@@ -31,8 +31,9 @@ def learning_under_other_capability() -> tuple[str, subprocess.CompletedProcess]
     cap = other_capability()
     env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
     env.pop("PYTEST_CURRENT_TEST", None)
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "learning",
-                             "--durations=5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    result = subprocess.run(in_background([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
+                                           "learning", "--durations=5"]),
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     return cap, result
 
 

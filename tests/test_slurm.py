@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import Background, init_tracking, small_config
+from conftest import Background, in_background, init_tracking, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "ci" / "slurm" / "cluster.sh"
@@ -205,7 +205,7 @@ def _env() -> dict:
 
 def run_snakemake(workdir: Path, *args, timeout: int = 900, name: str = "snakemake") -> subprocess.CompletedProcess:
     """snakemake in workdir, under `timeout -s INT` (the plugin's hangs ignore SIGTERM)."""
-    cmd = ["timeout", "-s", "INT", "-k", "30", str(timeout), str(SNAKEMAKE), *args]
+    cmd = in_background(["timeout", "-s", "INT", "-k", "30", str(timeout), str(SNAKEMAKE), *args])
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=workdir, env=_env(), capture_output=True, text=True)
     p.wall_s = time.monotonic() - t0
@@ -450,7 +450,7 @@ def run_with_preemption_drill(workdir: Path, args: list[str], timeout: int = 300
     `scontrol requeue` it, as a preemption would. Returns (process result, drilled job or None).
     The timeout only catches a hung plugin: the run shares 2 cores with the rest of the suite and the
     local default study (a CI run on 2026-12-04 was at its last job, the summary, when 1800 s ran out)."""
-    cmd = ["timeout", "-s", "INT", "-k", "30", str(timeout), str(SNAKEMAKE), *args]
+    cmd = in_background(["timeout", "-s", "INT", "-k", "30", str(timeout), str(SNAKEMAKE), *args])
     log = open(workdir / "slurm.out", "w+")
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=workdir, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)

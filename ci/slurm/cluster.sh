@@ -141,6 +141,9 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$LOG_DIR/jobcomp.log
 GresTypes=gpu
 KillWait=10
+# A job's tasks keep the nice value of the sbatch that submitted it: the test suite runs its
+# background studies at low priority, their Slurm jobs too.
+PropagatePrioProcess=1
 InactiveLimit=0
 Waittime=0
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:h100:$GPUS State=UNKNOWN
