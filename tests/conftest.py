@@ -141,8 +141,7 @@ class Study:
         init_tracking(self.work)
         self.log = open(self.work / "snakemake.out", "w+")
         self.proc = subprocess.Popen(in_background(snakemake_cmd(self.work, *self.targets)), env=workflow_env(),
-                                     cwd=self.work,
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+                                     cwd=self.work, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         return self
 
     def wait(self, timeout: int = 2400) -> subprocess.CompletedProcess:
