@@ -86,8 +86,10 @@ def workflow_env() -> dict:
 
 def in_background(cmd: list[str]) -> list[str]:
     """``cmd`` at low CPU priority (nice 10), for work started at collection that runs beside the
-    tests: it takes the cycles the tests leave, so that neither core idles while tests wait for it."""
-    return ["nice", "-n", "10", *cmd]
+    tests: it takes the cycles the tests leave, so that neither core idles while tests wait for it.
+    Inside work already at low priority (the learning tests' second run) it stays at that priority:
+    niced twice, that run's default study was the suite's last job (2026-12-06)."""
+    return cmd if os.nice(0) > 0 else ["nice", "-n", "10", *cmd]
 
 
 def snakemake_cmd(workdir, *args) -> list[str]:
