@@ -205,7 +205,7 @@ def _env() -> dict:
 
 def run_snakemake(workdir: Path, *args, timeout: int = 900, name: str = "snakemake") -> subprocess.CompletedProcess:
     """snakemake in workdir, under `timeout -s INT` (the plugin's hangs ignore SIGTERM)."""
-    cmd = in_background(["timeout", "-s", "INT", "-k", "30", str(timeout), str(SNAKEMAKE), *args])
+    cmd = ["timeout", "-s", "INT", "-k", "30", str(timeout), str(SNAKEMAKE), *args]
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=workdir, env=_env(), capture_output=True, text=True)
     p.wall_s = time.monotonic() - t0
