@@ -272,6 +272,14 @@ def small_study() -> Path:
     return finished_study("small_study").work
 
 
+def verify_bundle(bundle: Path, workdir: Path, *args: str, background: bool = False) -> subprocess.CompletedProcess:
+    """`python -m snaketune.bundle verify BUNDLE --workdir WORKDIR --run-bundle-code ARGS` (at low
+    priority for ``background`` work)."""
+    cmd = [sys.executable, "-m", "snaketune.bundle", "verify", str(bundle), "--workdir", str(workdir),
+           "--run-bundle-code", *args]
+    return subprocess.run(in_background(cmd) if background else cmd, capture_output=True, text=True, timeout=1500)
+
+
 def rerun_small_study() -> tuple[Path, subprocess.CompletedProcess]:
     """`snaketune.bundle verify` of the small study's bundle in a fresh directory: it waits for the
     small study, checks the bundle, re-runs the study from the bundled code and config and compares
@@ -282,10 +290,7 @@ def rerun_small_study() -> tuple[Path, subprocess.CompletedProcess]:
     work = finished_study("small_study").work
     tmp = Path(tempfile.mkdtemp(prefix="snaketune-verify-"))
     bundle = work / f"results/bundles/{small_config()['study']}.tar.gz"
-    result = subprocess.run(in_background([sys.executable, "-m", "snaketune.bundle", "verify", str(bundle),
-                                           "--workdir", str(tmp / "verify"), "--run-bundle-code"]),
-                            capture_output=True, text=True, timeout=1500)
-    return tmp, result
+    return tmp, verify_bundle(bundle, tmp / "verify", background=True)
 
 
 RERUN = Background("small-study-rerun", rerun_small_study)

@@ -3,7 +3,6 @@ re-runs it in a clean directory and passes; an altered file fails the hash check
 metric pushed outside its tolerance fails with the metric named."""
 
 import json
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -14,6 +13,7 @@ import yaml
 from snaketune.bundle import (EXIT_NEEDS_CONSENT, check_manifest, compare, env_differences, environment, rerun_targets,
                               sha256_file, table, tolerance_for, write_tar)
 from snaketune.bundle import verify as verify_in_process
+from conftest import verify_bundle
 from test_determinism import MODEL
 
 STUDY = "demo"
@@ -168,11 +168,6 @@ def unpacked(bundle, tmp_path_factory) -> Path:
     return dest / STUDY
 
 
-def verify(bundle: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snaketune.bundle", "verify", str(bundle), "--workdir", str(workdir),
-                           "--run-bundle-code", *args], capture_output=True, text=True, timeout=1500)
-
-
 def repack(top: Path, out: Path, refresh_manifest: bool) -> Path:
     if refresh_manifest:
         files = {str(f.relative_to(top)): sha256_file(f) for f in sorted(top.rglob("*"))
@@ -291,7 +286,7 @@ def test_altered_file_fails_the_hash_check_with_its_name(bundle, unpacked, tmp_p
     shutil.copytree(unpacked, top)
     summary = top / "results/summary.md"
     summary.write_text(summary.read_text().replace("| base |", "| base  |", 1))
-    result = verify(repack(top, tmp_path / "tampered.tar.gz", refresh_manifest=False), tmp_path / "verify")
+    result = verify_bundle(repack(top, tmp_path / "tampered.tar.gz", refresh_manifest=False), tmp_path / "verify")
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
     assert "hash check FAILED" in out and "results/summary.md" in out
@@ -335,7 +330,7 @@ def test_metric_outside_its_tolerance_fails_with_the_metric_named(bundle, unpack
     config["reproduce"]["tolerance"]["cpu"] = {"exact_match": 0.02}  # declared in the config; 0.5 is outside
     (top / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     pushed = repack(top, tmp_path / "pushed.tar.gz", refresh_manifest=True)
-    result = verify(pushed, tmp_path / "verify", "--targets", f"results/{MODEL}/base/eval/arith.json")
+    result = verify_bundle(pushed, tmp_path / "verify", "--targets", f"results/{MODEL}/base/eval/arith.json")
     out = result.stdout + result.stderr
     assert result.returncode == 1, out[-6000:]
     line = next(ln for ln in out.splitlines() if ln.startswith(f"| {key} "))
