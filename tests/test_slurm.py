@@ -448,8 +448,8 @@ def _checkpoint_steps(folder: Path) -> list[int]:
 def run_with_preemption_drill(workdir: Path, args: list[str], timeout: int = 3000):
     """Run snakemake; once the last training job has a checkpoint (and is still running),
     `scontrol requeue` it, as a preemption would. Returns (process result, drilled job or None).
-    The timeout only catches a hung plugin: the run shares 2 cores with the rest of the suite and the
-    local default study (a CI run on 2026-12-04 was at its last job, the summary, when 1800 s ran out)."""
+    The timeout only catches a hung plugin: the run shares 2 cores with the rest of the suite (a CI
+    run on 2026-12-04 was at its last job, the summary, when 1800 s ran out)."""
     cmd = in_background(["timeout", "-s", "INT", "-k", "30", str(timeout), str(SNAKEMAKE), *args])
     log = open(workdir / "slurm.out", "w+")
     t0 = time.monotonic()
